@@ -1,0 +1,1 @@
+"""The numerical core: diffusivity family, FEM energy, reference solver, error metrics."""
