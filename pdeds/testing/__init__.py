@@ -1,0 +1,1 @@
+"""Helpers for pdeds's own tests (shipped so downstream users can test extensions too)."""
