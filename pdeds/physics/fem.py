@@ -97,7 +97,7 @@ def _gradient_energy(u: Field, nu: Field) -> Field:
     """1/2 U^T K U per sample, shape (B,)."""
     h = _spacing(u)
     axes = list(range(2, u.ndim))
-    red = tuple(axes)
+    red = tuple(range(1, u.ndim))
     total = 0.0
     for k in axes:
         du = _tap(u, k, -1.0 / h[k - 2], 1.0 / h[k - 2])
