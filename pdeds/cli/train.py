@@ -1,0 +1,58 @@
+"""``pdeds train``: one experiment from a YAML, under no launcher, deepspeed or torchrun.
+
+pdeds train launch/configs/quickstart.yaml --run-dir runs/qs
+pdeds train CONFIG --set optim.lr=3e-4 --set ds.zero_optimization.stage=2 --resume auto
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """CONFIG and --set, shared by commands that resolve an experiment."""
+    p.add_argument("config", help="experiment YAML (e.g. launch/configs/quickstart.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (optim.lr=1e-3) or a DeepSpeed key "
+        "(ds.zero_optimization.stage=2)",
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``pdeds train``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a neural solver from an experiment YAML",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint (auto) or a checkpoint folder",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="move an existing run in --run-dir aside and start anew",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdeds.config import resolve
+    from pdeds.train.trainer import train
+
+    resolved = resolve(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    summary = train(resolved, run_dir, resume=args.resume, force=args.force)
+    return 0 if summary["completed"] or summary["steps"] > 0 else 1

@@ -1,0 +1,119 @@
+"""Held-out evaluation against the reference solver (METHOD.md sec. 3).
+
+The held-out set is ``data.val_samples`` coefficient vectors drawn with ``data.val_seed``; its
+reference solutions at a resolution are solved once (AMG-CG, rtol 1e-10) and cached in an HDF5
+file, so evaluation during training costs only network forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pdeds import distributed
+from pdeds.config import ExperimentConfig
+from pdeds.physics import fem, kl, metrics, reference
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HeldOut:
+    """Held-out coefficients with nu and reference solutions at one resolution (float64)."""
+
+    coeffs: np.ndarray
+    res: int
+    nu: torch.Tensor
+    u_ref: torch.Tensor
+    solve_s: float
+    """Mean reference solve time per sample (assembly + AMG setup + CG)."""
+
+
+def held_out_coeffs(cfg: ExperimentConfig, samples: int | None = None) -> np.ndarray:
+    k = samples or cfg.data.val_samples
+    return kl.sample_coefficients(k, cfg.problem.modes, cfg.data.val_seed, sobol=cfg.data.sobol)
+
+
+def _cache_key(cfg: ExperimentConfig, res: int, samples: int) -> str:
+    p = cfg.problem
+    return (
+        f"dim{p.dim}_res{res}_m{p.modes}_eta{p.eta}_{p.family}_f{p.f}_"
+        f"seed{cfg.data.val_seed}_sobol{int(cfg.data.sobol)}_k{samples}"
+    )
+
+
+def _solve(cfg: ExperimentConfig, coeffs: np.ndarray, res: int) -> tuple[torch.Tensor, float]:
+    p = cfg.problem
+    nu = kl.diffusivity(torch.from_numpy(coeffs), res, dim=p.dim, eta=p.eta, family=p.family)
+    u, stats = reference.solve_with_stats(nu, p.f, rtol=1e-10)
+    per = float(np.mean([s["assembly_s"] + s["setup_s"] + s["solve_s"] for s in stats]))
+    return u, per
+
+
+def load_held_out(
+    cfg: ExperimentConfig, res: int, cache_dir: Path | None, samples: int | None = None
+) -> HeldOut:
+    """The held-out set at ``res``; rank 0 solves (or reads the cache), the others wait and read."""
+    p = cfg.problem
+    coeffs = held_out_coeffs(cfg, samples)
+    key = _cache_key(cfg, res, len(coeffs))
+    path = cache_dir / f"heldout_{key}.h5" if cache_dir is not None else None
+    if path is None:
+        u, per = _solve(cfg, coeffs, res)
+    else:
+        if distributed.rank() == 0 and not path.is_file():
+            u, per = _solve(cfg, coeffs, res)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with h5py.File(tmp, "w") as h:
+                h["coeffs"] = coeffs
+                h["u_ref"] = u.numpy()
+                h.attrs["solve_s"] = per
+            tmp.replace(path)
+        distributed.barrier()
+        with h5py.File(path, "r") as h:
+            u = torch.from_numpy(h["u_ref"][...])
+            per = float(h.attrs["solve_s"])
+    nu = kl.diffusivity(torch.from_numpy(coeffs), res, dim=p.dim, eta=p.eta, family=p.family)
+    return HeldOut(coeffs=coeffs, res=res, nu=nu, u_ref=u, solve_s=per)
+
+
+def predict_all(predict: Predictor, nu: torch.Tensor, batch: int, device: torch.device):
+    """Run ``predict`` over nu in batches; returns (U float64 on CPU, seconds per sample)."""
+    outs = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, nu.shape[0], batch):
+            outs.append(predict(nu[i : i + batch].float().to(device)).double().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return torch.cat(outs), (time.perf_counter() - t0) / nu.shape[0]
+
+
+def scores(u: torch.Tensor, ho: HeldOut, f: float) -> dict[str, float]:
+    """Mean/max relative L2 error and mean/max energy gap of predictions ``u``."""
+    e = metrics.rel_l2(u, ho.u_ref)
+    g = metrics.energy_gap(u, ho.u_ref, ho.nu, f)
+    return {
+        "rel_l2_mean": float(e.mean()),
+        "rel_l2_max": float(e.max()),
+        "energy_gap": float(g.mean()),
+        "energy_gap_max": float(g.max()),
+    }
+
+
+def evaluate(predict: Predictor, ho: HeldOut, f: float, batch: int, device: torch.device) -> dict:
+    """Scores of the network and, for reference, of the lifting alone (u = 1 - x1)."""
+    u, per = predict_all(predict, ho.nu, batch, device)
+    out = {f"val_{k}": v for k, v in scores(u, ho, f).items()}
+    lift = fem.apply_dirichlet(torch.zeros_like(ho.u_ref))
+    out.update({f"baseline_{k}": v for k, v in scores(lift, ho, f).items()})
+    out["inference_s_per_sample"] = per
+    out["reference_s_per_sample"] = ho.solve_s
+    return out
