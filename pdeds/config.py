@@ -28,6 +28,7 @@ from pdeds.multigrid import ScheduleConfig
 from pdeds.optim import OptimConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -108,6 +109,14 @@ class TrainConfig:
     """Seed of the weight initialisation."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (oldest removed first); 0 = keep all."""
+    lr_schedule: str = "constant"
+    """constant | cosine: lr x (r + (1 - r)(1 + cos(pi t)) / 2), t = step / steps, r =
+    min_lr_ratio. Ignored when the DeepSpeed config has a "scheduler" block (DeepSpeed's own
+    scheduler then drives the learning rate)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many steps (with lr_schedule)."""
+    min_lr_ratio: float = 0.0
+    """Final lr / initial lr of the cosine schedule."""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -117,6 +126,23 @@ class TrainConfig:
                 raise PdedsError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.log_every < 1:
             raise PdedsError(f"train.log_every: must be >= 1, got {self.log_every}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PdedsError(
+                f"train.lr_schedule: {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
+            )
+        if self.warmup_steps < 0:
+            raise PdedsError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise PdedsError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Multiplier of the configured lr at ``step`` (0-based) of ``total``."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "constant":
+            return warm
+        t = min(1.0, step / max(1, total))
+        r = self.min_lr_ratio
+        return warm * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 @dataclass

@@ -28,13 +28,16 @@ class LevelHook:
         *,
         optimizer_state: str = "keep",
         on_switch: Callable[[Visit], None] | None = None,
+        base_lr: float,
+        lr_factor: Callable[[int], float] | None = None,
     ) -> None:
         self.visits = visits
         self.engine = engine
         self.optimizer_state = optimizer_state
         self.on_switch = on_switch
+        self.lr_factor = lr_factor
         self.current: Visit | None = None
-        self.base_lr = [g["lr"] for g in engine.optimizer.param_groups]
+        self.base_lr = base_lr
 
     @property
     def total_steps(self) -> int:
@@ -52,14 +55,17 @@ class LevelHook:
             self.current = v
             if self.on_switch is not None:
                 self.on_switch(v)
-        self.apply_lr()
+        self.apply_lr(step)
         return v
 
-    def apply_lr(self) -> None:
-        """group lr = (scheduler's lr, else the configured lr) x the level's lr_scale."""
+    def apply_lr(self, step: int) -> None:
+        """group lr = (DeepSpeed scheduler's lr, else configured lr x lr_factor(step)) x the
+        level's lr_scale."""
         sched = getattr(self.engine, "lr_scheduler", None)
         base = sched.get_last_lr() if sched is not None and hasattr(sched, "get_last_lr") else None
-        base = base or self.base_lr
+        if not base:
+            factor = self.lr_factor(step) if self.lr_factor is not None else 1.0
+            base = [self.base_lr * factor for _ in self.engine.optimizer.param_groups]
         scale = self.current.lr_scale if self.current is not None else 1.0
         for g, lr in zip(self.engine.optimizer.param_groups, base):
             g["lr"] = lr * scale

@@ -128,7 +128,12 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         )
 
     hook = LevelHook(
-        visits, engine, optimizer_state=cfg.schedule.optimizer_state, on_switch=on_switch
+        visits,
+        engine,
+        optimizer_state=cfg.schedule.optimizer_state,
+        on_switch=on_switch,
+        base_lr=cfg.optim.lr,
+        lr_factor=lambda s: cfg.train.lr_factor(s, total),
     )
     timers: dict[str, float] = {}
 

@@ -1,0 +1,110 @@
+"""Experiment config: typed tree, overrides, one validation pass, errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdeds.config import ExperimentConfig, batch_sizes, dump_yaml, resolve
+from pdeds.errors import PdedsError
+
+
+def test_defaults_resolve_and_round_trip(tmp_path):
+    r = resolve(None)
+    assert isinstance(r.cfg, ExperimentConfig)
+    assert r.ds["train_batch_size"] == 4
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(r.cfg))
+    assert resolve(path).cfg == r.cfg
+
+
+def test_overrides_types_and_ds_patch():
+    r = resolve(
+        None,
+        [
+            "optim.lr=3e-4",
+            "problem.dim=2",
+            "model.width=4",
+            "ds.zero_optimization.stage=2",
+            "ds.bf16.enabled=true",
+        ],
+    )
+    assert r.cfg.optim.lr == pytest.approx(3e-4) and isinstance(r.cfg.optim.lr, float)
+    assert r.cfg.problem.dim == 2 and r.cfg.model.width == 4
+    assert r.ds["zero_optimization"]["stage"] == 2 and r.ds["bf16"]["enabled"] is True
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(PdedsError, match="unknown key.*'lrate'.*valid keys: .*lr"):
+        resolve({"optim": {"lrate": 1}})
+    with pytest.raises(PdedsError, match="unknown key.*'bogus'.*top level"):
+        resolve({"bogus": {}})
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["problem.dim=4"], "problem.dim"),
+        (["problem.res=20"], "resolution 20 .*multiple of 8"),
+        (["problem.eta=-1"], "problem.eta"),
+        (["problem.family=foo"], "problem.family"),
+        (["train.steps=0"], "train.steps"),
+        (["model.width=abc"], "model.width: expected an integer"),
+        (["deepspeed.config=nope.json"], "deepspeed.config: nope.json not found"),
+        (["schedule.cycle=zigzag"], "schedule.cycle"),
+        (["optim.name=rmsprop"], "optim.name"),
+        (["novalue"], "KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(PdedsError, match=match):
+        resolve(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(PdedsError, match="not found"):
+        resolve(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problem: [unclosed")
+    with pytest.raises(PdedsError, match="not valid YAML"):
+        resolve(bad)
+    ds = tmp_path / "ds.json"
+    ds.write_text("{not json")
+    with pytest.raises(PdedsError, match="not valid JSON"):
+        resolve(None, [f"deepspeed.config={ds}"])
+
+
+def test_ds_path_relative_to_yaml(tmp_path):
+    (tmp_path / "mine.json").write_text(json.dumps({"train_batch_size": 8}))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("deepspeed:\n  config: mine.json\n")
+    assert resolve(cfg).ds == {"train_batch_size": 8}
+
+
+def test_batch_sizes_multiply_out():
+    assert batch_sizes({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2}, 2) == (8, 2, 2)
+    assert batch_sizes({"train_micro_batch_size_per_gpu": 2}, 3) == (6, 2, 1)
+    assert batch_sizes({"train_batch_size": 8}, 4) == (8, 2, 1)
+    with pytest.raises(PdedsError, match="do not multiply out.*change ds.train_batch_size to 8"):
+        batch_sizes(
+            {
+                "train_batch_size": 6,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            2,
+        )
+    with pytest.raises(PdedsError, match="not divisible by micro-batch 2 x 3"):
+        batch_sizes({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2}, 3)
+    with pytest.raises(PdedsError, match="neither"):
+        batch_sizes({}, 1)
+
+
+def test_lr_schedule_factor():
+    c = resolve(None, ["train.lr_schedule=cosine", "train.min_lr_ratio=0.1"]).cfg.train
+    assert c.lr_factor(0, 100) == pytest.approx(1.0)
+    assert c.lr_factor(50, 100) == pytest.approx(0.55)
+    assert c.lr_factor(100, 100) == pytest.approx(0.1)
+    w = resolve(None, ["train.warmup_steps=4"]).cfg.train
+    assert [w.lr_factor(s, 10) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
