@@ -84,7 +84,7 @@ def load(engine: Any, path: Path) -> dict[str, Any]:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """fp32 model weights of a checkpoint, any ZeRO stage, without an engine."""
-    states = sorted(path.glob("mp_rank_*_model_states.pt"))
+    states = sorted(path.glob("*mp_rank_*_model_states.pt"))
     if not states:
         raise PdedsError(f"{path} holds no DeepSpeed model states; is it a checkpoint folder?")
     meta = torch.load(states[0], map_location="cpu", weights_only=False)

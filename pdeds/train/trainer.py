@@ -102,6 +102,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.problem.dim, cfg.model).to(dev)
+    n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine, ds_used = build_engine(model, cfg, res.ds)
     if rank == 0:
         (run_dir / "config.yaml").write_text(config_text)
@@ -113,7 +114,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
     total = visits[-1].end
     mon = Monitor(run_dir, enabled=rank == 0, total_steps=total, start_step=start)
     mon.say(
-        f"pdeds {__version__}: {world} rank(s), {count_parameters(model):,} parameters, "
+        f"pdeds {__version__}: {world} rank(s), {n_params:,} parameters, "
         f"{len(coeffs)} training samples, {len(visits)} visit(s), {total} steps"
         + (f", resumed at step {start} from {ckpt_path}" if ckpt_path else "")
     )
@@ -253,7 +254,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         "wall_s": time.perf_counter() - t_start,
         "train_s": time.perf_counter() - t_loop,
         "samples_seen": samples_seen(step),
-        "parameters": count_parameters(model),
+        "parameters": n_params,
         "peak_memory_mb": peak_memory_mb(dev),
         **scores,
     }

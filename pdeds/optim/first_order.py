@@ -1,0 +1,66 @@
+"""First-order client optimizers: Adam, AdamW, SGD with momentum.
+
+These run under the standard DeepSpeed loop (``engine.backward`` per micro-batch, one
+``engine.step``). With ZeRO-Offload on a CUDA accelerator Adam/AdamW is DeepSpeed's
+``DeepSpeedCPUAdam`` (vectorised host kernel); everywhere else, torch's own implementation:
+on the CPU accelerator DeepSpeedCPUAdam would JIT-build a C++ op (~50 s) for no gain, so
+``prepare_ds_config`` sets ``zero_force_ds_cpu_optimizer: false`` there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pdeds.optim import OptimConfig
+
+FIRST_ORDER = ("adam", "adamw", "sgd")
+
+
+def offload_optimizer_device(ds: dict) -> str:
+    """``zero_optimization.offload_optimizer.device`` of a DeepSpeed config ("none" if unset)."""
+    zero = ds.get("zero_optimization") or {}
+    offload = zero.get("offload_optimizer") or {}
+    return str(offload.get("device", "none") or "none")
+
+
+def accelerator_name() -> str:
+    """DeepSpeed's accelerator ("cpu", "cuda", ...)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def build_first_order(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD over the model's trainable parameters.
+
+    Args:
+        model: the network; only parameters with ``requires_grad`` are optimised.
+        cfg: the validated optimizer config (``name`` in FIRST_ORDER).
+        ds: the DeepSpeed config that will be passed to ``deepspeed.initialize``.
+
+    Returns:
+        The client optimizer for ``deepspeed.initialize(optimizer=...)``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    if offload_optimizer_device(ds) == "cpu" and accelerator_name() != "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            params,
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            adamw_mode=cfg.name == "adamw",
+        )
+    kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
