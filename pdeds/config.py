@@ -29,6 +29,7 @@ from pdeds.optim import OptimConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTINGS = ("none", "lifting")
 
 
 @dataclass
@@ -117,6 +118,10 @@ class TrainConfig:
     """Linear warm-up from 0 over this many steps (with lr_schedule)."""
     min_lr_ratio: float = 0.0
     """Final lr / initial lr of the cosine schedule."""
+    loss_weighting: str = "none"
+    """none: loss = mean_b J_h(U_b) (METHOD.md sec. 3). lifting: mean_b J_h(U_b) / J_h(g_b)
+    with g the lifting u = 1 - x1 (for f = 0, J_h(g_b) = 1/2 int nu_b): each sample's minimiser
+    is unchanged, but samples of large nu no longer dominate the batch."""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -129,6 +134,11 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise PdedsError(
                 f"train.lr_schedule: {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
+            )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise PdedsError(
+                f"train.loss_weighting: {self.loss_weighting!r} is not one of "
+                f"{', '.join(LOSS_WEIGHTINGS)}"
             )
         if self.warmup_steps < 0:
             raise PdedsError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")

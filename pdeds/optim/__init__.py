@@ -43,7 +43,7 @@ from pdeds.optim.first_order import (
     build_first_order,
     offload_optimizer_device,
 )
-from pdeds.optim.kfac import INNER_OPTIMIZERS, KFACConfig
+from pdeds.optim.kfac import INNER_OPTIMIZERS, KFACConfig, build_kfac
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig, build_lbfgs
 
 __all__ = [
@@ -197,6 +197,12 @@ def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
             f"optim.name {cfg.name!r} does not support zero_optimization.{offloads[0]}; "
             f"remove the offload or use one of {', '.join(OFFLOAD_OK)}"
         )
+    for half in ("fp16", "bf16"):
+        if cfg.name in SECOND_ORDER and (ds.get(half) or {}).get("enabled", False):
+            raise PdedsError(
+                f"optim.name {cfg.name!r} needs fp32 parameters and gradients; "
+                f"set {half}.enabled false in the DeepSpeed config"
+            )
     clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
     if cfg.name == "lbfgs" and clip > 0:
         raise PdedsError(
@@ -230,8 +236,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim
         return build_first_order(model, cfg, ds)
     if cfg.name == "lbfgs":
         return build_lbfgs(model, cfg)
-    from pdeds.optim.kfac import build_kfac
-
     return build_kfac(model, cfg)
 
 

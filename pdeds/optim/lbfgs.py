@@ -498,7 +498,7 @@ class LBFGS(torch.optim.Optimizer):
                     if not engine.is_gradient_accumulation_boundary():
                         raise PdedsError(
                             "engine_step got micro-batches that do not end on a gradient-"
-                            "accumulation boundary; pass exactly gradient_accumulation_steps of them"
+                            "accumulation boundary; pass gradient_accumulation_steps of them"
                         )
                 engine.step()
         finally:

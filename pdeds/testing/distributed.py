@@ -50,7 +50,8 @@ def _worker(body: Callable[..., Any], rank: int, world: int, port: int, args: tu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = body(*args)
-        # Plain pickle copies tensor data: a torch-shared tensor would point at this exiting process.
+        # Plain pickle copies tensor data; a torch-shared tensor would point into this
+        # exiting process.
         queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001  (report anything, the parent decides)
         queue.put((rank, False, traceback.format_exc()))

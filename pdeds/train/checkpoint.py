@@ -43,12 +43,13 @@ def latest(root: Path) -> Path | None:
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
     """Save on every rank; rank 0 then marks the folder complete and prunes old ones."""
     tag = tag_for(step)
+    client_state = {"step": step, **client_state}
     engine.save_checkpoint(str(root), tag=tag, client_state={"pdeds": client_state})
     distributed.barrier()
     path = root / tag
     if distributed.rank() == 0:
         tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, **client_state}, indent=1))
+        tmp.write_text(json.dumps(client_state, indent=1))
         os.replace(tmp, path / MARKER)
         if keep > 0:
             for old in complete(root)[:-keep]:

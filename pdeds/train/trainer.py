@@ -145,7 +145,13 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         t1 = time.perf_counter()
         u = engine(nu)
         t2 = time.perf_counter()
-        loss = fem.energy(u.float(), nu, cfg.problem.f).mean()
+        j = fem.energy(u.float(), nu, cfg.problem.f)
+        if cfg.train.loss_weighting == "lifting":
+            with torch.no_grad():
+                lift = fem.apply_dirichlet(torch.zeros_like(nu))
+                scale = fem.energy(lift, nu, cfg.problem.f).abs()
+            j = j / scale
+        loss = j.mean()
         t3 = time.perf_counter()
         for k, dt in (("data", t1 - t0), ("forward", t2 - t1), ("energy", t3 - t2)):
             timers[k] = timers.get(k, 0.0) + dt

@@ -1,0 +1,112 @@
+"""Reliability: exact resume, half-written checkpoints, SIGTERM, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from trainer_util import ROOT, TINY, losses, pdeds, train_cases, write_tiny
+
+from pdeds.testing.distributed import run_ranks
+from pdeds.train import checkpoint
+
+
+def _resume_body(root: str) -> dict:
+    """Run 6 steps; drop the newest checkpoint's marker (a crash mid-save); resume."""
+    from pathlib import Path
+
+    from pdeds.config import resolve
+    from pdeds.train.trainer import train
+
+    run = Path(root) / "run"
+    overrides = [
+        "optim.name=adam",
+        "optim.lr=1e-3",
+        "train.steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=0",
+    ]
+    train(resolve(TINY, overrides), run)
+    first = losses(run)
+    (run / "checkpoints" / "step00000006" / checkpoint.MARKER).unlink()
+    (run / "checkpoints" / "step00000004" / checkpoint.MARKER).unlink()
+    summary = train(resolve(TINY, overrides), run, resume="auto")
+    return {"first": first, "second": losses(run), "summary": summary}
+
+
+def test_resume_reproduces_the_loss_curve(tmp_path):
+    out = run_ranks(_resume_body, 1, str(tmp_path), timeout=240)[0]
+    first, second = out["first"], out["second"]
+    assert sorted(first) == sorted(second) == [1, 2, 3, 4, 5, 6]
+    for step in first:
+        assert second[step] == pytest.approx(first[step], rel=1e-6, abs=1e-9), step
+    assert out["summary"]["completed"]
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    cfg = write_tiny(tmp_path / "c.yaml", train={"steps": 100000, "log_every": 1})
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdeds", "train", str(cfg), "--run-dir", str(run)],
+        cwd=ROOT,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.2)
+    assert metrics.is_file(), "training never logged a step"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    ck = checkpoint.latest(run / "checkpoints")
+    assert ck is not None, out
+    step = json.loads((ck / checkpoint.MARKER).read_text())["step"]
+    assert 1 <= step < 100000
+    assert "stop requested" in out
+    r = pdeds(
+        "train", str(cfg), "--run-dir", str(run), "--resume", "auto",
+        "--set", f"train.steps={step + 2}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert max(losses(run)) == step + 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = write_tiny(
+        tmp_path / "c.yaml",
+        optim={"name": "sgd", "lr": 1.0e12, "momentum": 0.0},
+        train={"steps": 50, "checkpoint_every": 1},
+    )
+    run = tmp_path / "run"
+    r = pdeds("train", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("pdeds: error: non-finite loss") and "at step" in last
+    assert "Traceback" not in r.stderr
+    good = checkpoint.latest(run / "checkpoints")
+    assert good is not None and good.name in last
+
+
+def test_run_dir_guard_resume_and_force(tmp_path):
+    out = run_ranks(train_cases, 1, str(tmp_path), [("run", [])], timeout=240)[0]
+    assert out["run"]["summary"]["completed"]
+    cfg = write_tiny(tmp_path / "c.yaml")
+    run = tmp_path / "run"
+    r = pdeds("train", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--force" in r.stderr
+    other = write_tiny(tmp_path / "o.yaml", model={"width": 8})
+    r = pdeds("train", str(other), "--run-dir", str(run), "--resume", "auto")
+    assert r.returncode == 2 and "differs from the run" in r.stderr and "model" in r.stderr
+    before = sorted(p.name for p in run.iterdir())
+    r = pdeds("train", str(cfg), "--run-dir", str(run), "--force", "--set", "train.steps=1")
+    assert r.returncode == 0, r.stderr
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == before
