@@ -413,9 +413,11 @@ class LBFGS(torch.optim.Optimizer):
             y = y + group["damping"] * s
         if "basis" not in state:
             state["basis"] = s.new_zeros((2 * m, s.numel()))
-            state["gram"] = torch.zeros((2 * m, 2 * m), dtype=torch.float64)
+            # A list, not a tensor: Optimizer.load_state_dict casts tensors to the param dtype.
+            state["gram"] = [[0.0] * (2 * m) for _ in range(2 * m)]
             state["slots"] = []
-        basis, gram, slots = state["basis"], state["gram"], state["slots"]
+        basis, slots = state["basis"], state["slots"]
+        gram = torch.tensor(state["gram"], dtype=torch.float64)
         free = next(i for i in range(m) if i not in slots) if len(slots) < m else slots[0]
         local = torch.cat(
             [
@@ -438,6 +440,7 @@ class LBFGS(torch.optim.Optimizer):
         y_dots[free], y_dots[m + free] = sy, yy
         gram[free, :], gram[:, free] = s_dots, s_dots
         gram[m + free, :], gram[:, m + free] = y_dots, y_dots
+        state["gram"] = gram.tolist()
 
     def _direction(self, g: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """d = -H g by the two-loop recursion on coefficients over the basis {s_i, y_i, g}.
@@ -458,7 +461,7 @@ class LBFGS(torch.optim.Optimizer):
             return -g, info
         m = self.param_groups[0]["history_size"]
         gram = torch.zeros((2 * m + 1, 2 * m + 1), dtype=torch.float64)
-        gram[: 2 * m, : 2 * m] = state["gram"]
+        gram[: 2 * m, : 2 * m] = torch.tensor(state["gram"], dtype=torch.float64)
         gram[2 * m, : 2 * m], gram[: 2 * m, 2 * m] = dots[2:], dots[2:]
         gram[2 * m, 2 * m] = dots[0]
         coef = torch.zeros(2 * m + 1, dtype=torch.float64)
