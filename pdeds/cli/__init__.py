@@ -26,7 +26,7 @@ from types import ModuleType
 import pdeds
 from pdeds.errors import PdedsError
 
-SUBCOMMANDS = ["data", "solve", "train", "eval", "predict"]
+SUBCOMMANDS = ["data", "solve", "train", "eval", "predict", "study", "report", "plan"]
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 

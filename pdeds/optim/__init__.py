@@ -39,9 +39,9 @@ from pdeds import distributed
 from pdeds.errors import PdedsError
 from pdeds.optim.first_order import (
     FIRST_ORDER,
-    accelerator_name,
     build_first_order,
     offload_optimizer_device,
+    uses_ds_cpu_adam,
 )
 from pdeds.optim.kfac import INNER_OPTIMIZERS, KFACConfig, build_kfac
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig, build_lbfgs
@@ -69,8 +69,9 @@ ZERO_STAGES: dict[str, tuple[int, ...]] = {
 
 SECOND_ORDER = ("lbfgs", "kfac")
 
-OFFLOAD_OK = ("adam", "adamw", "sgd")
-"""Optimizers that run with ``zero_optimization.offload_optimizer`` / ``offload_param``."""
+OFFLOAD_OK = ("adam", "adamw", "sgd", "lbfgs")
+"""Optimizers that run with ``zero_optimization.offload_optimizer`` / ``offload_param`` (within
+their ZeRO stages: K-FAC runs under ZeRO 0 only, where DeepSpeed offloads nothing)."""
 
 
 @dataclass
@@ -170,8 +171,9 @@ def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
     """A copy of the DeepSpeed config ``ds`` patched for the client optimizer ``cfg``.
 
     Sets ``zero_allow_untested_optimizer`` (DeepSpeed asserts on any client optimizer under
-    ZeRO otherwise); for first-order optimizers with optimizer offload on the CPU
-    accelerator, ``zero_force_ds_cpu_optimizer: false`` (torch's Adam instead of a JIT-built op);
+    ZeRO otherwise); with ``offload_optimizer: cpu``, ``zero_force_ds_cpu_optimizer: false``
+    unless the optimizer is DeepSpeedCPUAdam (Adam/AdamW on a CUDA accelerator): on the CPU
+    accelerator torch's Adam spares a JIT-built op (~50 s), and SGD / L-BFGS are no CPU-Adam;
     for L-BFGS and K-FAC ``gradient_clipping: 0`` unless given (DeepSpeed's default is 1.0).
 
     Raises:
@@ -214,11 +216,7 @@ def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
     if cfg.name in SECOND_ORDER:
         # DeepSpeed's default is 1.0; second-order steps are bounded by the line search / KL-clip.
         out.setdefault("gradient_clipping", 0.0)
-    if (
-        cfg.name in FIRST_ORDER
-        and offload_optimizer_device(ds) == "cpu"
-        and accelerator_name() == "cpu"
-    ):
+    if offload_optimizer_device(ds) == "cpu" and not uses_ds_cpu_adam(cfg.name, ds):
         out["zero_force_ds_cpu_optimizer"] = False
     return out
 

@@ -34,6 +34,15 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
+def uses_ds_cpu_adam(name: str, ds: dict) -> bool:
+    """True when ``build_optimizer`` returns DeepSpeedCPUAdam (Adam/AdamW, CPU offload, CUDA)."""
+    return (
+        name in ("adam", "adamw")
+        and offload_optimizer_device(ds) == "cpu"
+        and accelerator_name() != "cpu"
+    )
+
+
 def build_first_order(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD over the model's trainable parameters.
 
@@ -51,7 +60,7 @@ def build_first_order(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.opt
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if offload_optimizer_device(ds) == "cpu" and accelerator_name() != "cpu":
+    if uses_ds_cpu_adam(cfg.name, ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(

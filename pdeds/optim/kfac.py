@@ -215,6 +215,15 @@ class KFAC(torch.optim.Optimizer):
 
         return hook
 
+    def reset_state(self) -> None:
+        """Forget factors, eigenbases and inner moments; the next step rebuilds the factors.
+
+        Used when the problem changes under the optimizer (e.g. a multigrid level switch: A sums
+        over output locations, so it scales with the resolution)."""
+        self.state.clear()
+        self._sums = {}
+        self.steps = 0
+
     def remove_hooks(self) -> None:
         """Detach K-FAC from the model."""
         for handle in self._handles:

@@ -43,9 +43,9 @@ from pdeds.errors import PdedsError
 
 LINE_SEARCHES = ("strong_wolfe",)
 ZERO_STAGES = (0, 1, 2)
-"""ZeRO stages L-BFGS runs under. Stage 3 partitions the model parameters themselves and
-gathers them per layer inside forward; re-materialising a trial point would need its own
-machinery, so stage 3 (and offload) are refused in ``pdeds.optim.prepare_ds_config``."""
+"""ZeRO stages L-BFGS runs under (with or without ``offload_optimizer``). Stage 3 partitions
+the model parameters themselves and gathers them per layer inside forward; re-materialising a
+trial point would need its own machinery, so ``pdeds.optim.prepare_ds_config`` refuses it."""
 
 
 @dataclass
@@ -283,6 +283,10 @@ class LBFGS(torch.optim.Optimizer):
         self._evaluator: _EngineEvaluator | None = None
         self._start_loss: float | None = None
 
+    def reset_state(self) -> None:
+        """Forget the curvature history (e.g. when the loss changes at a multigrid level switch)."""
+        self.state.clear()
+
     # ---- the flat local vector ---------------------------------------------------------
 
     def _params(self) -> list[torch.Tensor]:
@@ -518,8 +522,6 @@ def check_engine(engine: Any, n_micro: int) -> None:
         raise PdedsError(
             f"L-BFGS runs under ZeRO stages {ZERO_STAGES}, not {stage}; set zero_optimization.stage"
         )
-    if engine.zero_cpu_offload():
-        raise PdedsError("L-BFGS does not support ZeRO offload; remove offload_optimizer")
     if engine.gradient_clipping() > 0:
         raise PdedsError(
             "L-BFGS needs exact gradients; remove gradient_clipping from the DeepSpeed config"
@@ -590,5 +592,8 @@ class _EngineEvaluator:
             zero.timers = timers
         assert opt._captured is not None
         for p, g in zip(opt._params(), opt._captured, strict=True):
-            p.grad = g
+            if p.grad is not None and p.grad.shape == g.shape:
+                p.grad.copy_(g)  # ZeRO-Offload keeps a persistent (pinned) gradient buffer
+            else:
+                p.grad = g
         opt._captured = None

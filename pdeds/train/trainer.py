@@ -27,7 +27,7 @@ from pdeds import __version__, distributed
 from pdeds.config import Resolved, batch_sizes, dump_yaml
 from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
-from pdeds.multigrid import Visit, plan
+from pdeds.multigrid import Visit, plan, visit_at
 from pdeds.optim import engine_step
 from pdeds.physics import fem
 from pdeds.train import checkpoint, rundir
@@ -108,9 +108,10 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         (run_dir / "config.yaml").write_text(config_text)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
 
-    start = 0
+    start, clock = 0, {"train_s": 0.0}
     if ckpt_path is not None:
-        start = checkpoint.load(engine, ckpt_path)["step"]
+        state = checkpoint.load(engine, ckpt_path)
+        start, clock["train_s"] = state["step"], state.get("train_s", 0.0)
     total = visits[-1].end
     mon = Monitor(run_dir, enabled=rank == 0, total_steps=total, start_step=start)
     mon.say(
@@ -165,7 +166,14 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
                 pred = engine(held_out.nu[:1].float().to(dev)).cpu()
             mon.images(step, held_out.nu[0], pred[0], held_out.u_ref[0])
         engine.train()
-        row = {"step": step, "level": hook.current.level, "res": hook.current.res, **scores}
+        row = {
+            "step": step,
+            "level": hook.current.level,
+            "res": hook.current.res,
+            "train_s": clock["train_s"],
+            "samples": samples_seen(step),
+            **scores,
+        }
         mon.log(row)
         mon.say(
             f"eval step {step}: val rel-L2 mean {scores['val_rel_l2_mean']:.4g} "
@@ -179,15 +187,17 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
             engine,
             run_dir / "checkpoints",
             step,
-            {"schedule": hook.state_dict(step), "samples_seen": samples_seen(step)},
+            {
+                "schedule": hook.state_dict(step),
+                "samples_seen": samples_seen(step),
+                "train_s": clock["train_s"],
+            },
             cfg.train.keep_checkpoints,
         )
 
     def samples_seen(step: int) -> int:
-        v = hook.visits[0]
-        for v in hook.visits:
-            if step < v.end:
-                break
+        """Training samples consumed by the first ``step`` steps."""
+        v = visit_at(visits, step)
         return v.sample_offset + (min(step, v.end) - v.start) * v.batch
 
     stop = StopRequest()
@@ -205,6 +215,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
             micro = split_global_batch(idx, v.micro_batch, world, rank)
             loss = engine_step(engine, micro, forward_backward_loss)
             dt = time.perf_counter() - t0
+            clock["train_s"] += dt
             if not math.isfinite(loss):
                 last = checkpoint.latest(run_dir / "checkpoints")
                 raise PdedsError(
@@ -225,6 +236,8 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
                     "batch": v.batch,
                     "micro_batch": v.micro_batch,
                     "visit": v.index,
+                    "train_s": clock["train_s"],
+                    "samples": samples_seen(step),
                     "time_step_s": dt,
                     "time_data_s": timers.get("data", 0.0),
                     "time_forward_s": timers.get("forward", 0.0),
@@ -263,6 +276,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         "wall_s": time.perf_counter() - t_start,
         "train_s": time.perf_counter() - t_loop,
         "samples_seen": samples_seen(step),
+        "train_time_s": clock["train_s"],
         "parameters": n_params,
         "peak_memory_mb": peak_memory_mb(dev),
         **scores,
