@@ -86,8 +86,9 @@ def _flat(model: torch.nn.Module) -> list[float]:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
 
 
-def _engine_runs(stages: list[int]) -> dict:
-    """Rank body: STEPS L-BFGS steps per ZeRO stage; iterates, losses and step counters."""
+def _engine_runs(setups: list[tuple[int, bool]]) -> dict:
+    """Rank body: STEPS L-BFGS steps per (ZeRO stage, optimizer offload); iterates, losses and
+    step counters."""
     import deepspeed
 
     from pdeds import distributed
@@ -104,7 +105,7 @@ def _engine_runs(stages: list[int]) -> dict:
     skip_shm_comm_build()
     world, rank = distributed.world_size(), distributed.rank()
     out = {}
-    for stage in stages:
+    for stage, offload in setups:
         model, x, y = _problem()
         ds = {
             "train_batch_size": BATCH,
@@ -112,6 +113,8 @@ def _engine_runs(stages: list[int]) -> dict:
             "train_micro_batch_size_per_gpu": BATCH // (world * GAS),
             "zero_optimization": {"stage": stage},
         }
+        if offload:
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         cfg = OptimConfig(name="lbfgs", lr=1.0, lbfgs=LBFGSConfig(history_size=5, max_iter=2))
         ds = prepare_ds_config(cfg, ds)
         opt = build_optimizer(model, cfg, ds)
@@ -127,7 +130,7 @@ def _engine_runs(stages: list[int]) -> dict:
             return ((engine(mb[0]) - mb[1]) ** 2).mean()
 
         runs = [(engine_step(engine, mbs, loss_fn), _flat(engine.module)) for _ in range(STEPS)]
-        out[stage] = {
+        out[(stage, offload)] = {
             "runs": runs,
             "global_steps": engine.global_steps,
             "scheduler_steps": sched.last_epoch,
@@ -150,15 +153,15 @@ def _standalone() -> list[tuple[float, list[float]]]:
 
 def test_engine_iterates_match_one_rank_under_zero_0_1_2():
     """1 and 2 gloo ranks, 2 accumulation steps: the same iterates as full-batch L-BFGS."""
-    stages = [0, 1, 2]
+    setups = [(0, False), (1, False), (2, False), (2, True)]
     truth = _standalone()
-    one = run_ranks(_engine_runs, 1, stages, timeout=120)[0]
-    two = run_ranks(_engine_runs, 2, stages, timeout=120)
-    for stage in stages:
-        for res in (one[stage], two[0][stage]):
+    one = run_ranks(_engine_runs, 1, setups, timeout=120)[0]
+    two = run_ranks(_engine_runs, 2, setups, timeout=120)
+    for setup in setups:
+        for res in (one[setup], two[0][setup]):
             assert res["global_steps"] == STEPS and res["scheduler_steps"] == STEPS
             for (loss, theta), (loss_t, theta_t) in zip(res["runs"], truth, strict=True):
                 assert loss == pytest.approx(loss_t, rel=1e-5)
                 np.testing.assert_allclose(theta, theta_t, rtol=1e-5, atol=1e-6)
         # The two ranks hold bitwise the same iterates: every decision used reduced scalars.
-        assert two[0][stage]["runs"] == two[1][stage]["runs"]
+        assert two[0][setup]["runs"] == two[1][setup]["runs"]

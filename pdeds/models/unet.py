@@ -136,8 +136,8 @@ class _UpStage(nn.Module):
 class UNet(nn.Module):
     """nu (B, 1, n..) -> U (B, 1, n..) with U = 1 on x1 = 0 and U = 0 on x1 = 1 for any weights.
 
-    The output has the conv weights' dtype (float32 or bfloat16); cast it to float32 before the
-    energy if the weights are bfloat16.
+    The output is float32 whatever the weights' dtype (float32 or bfloat16): the lifting and
+    the energy need more than bf16's 8 mantissa bits.
     """
 
     def __init__(self, dim: int, cfg: UNetConfig) -> None:
@@ -198,7 +198,8 @@ class UNet(nn.Module):
         skips.pop()
         for s in reversed(range(self.cfg.depth)):
             x = self._run(self.decoder[s], x, skips.pop())
-        return apply_dirichlet(self.head(x))
+        # The lifting is added in float32: in bf16, 1 - x1 itself would be rounded to 8 bits.
+        return apply_dirichlet(self.head(x).float())
 
     def _run(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """Apply a stage, through activation checkpointing when configured and grad is on."""

@@ -22,7 +22,23 @@ averages over ranks, so the accumulated gradient is that of the global-batch mea
   engine, and DeepSpeed counts exactly one global step (LR scheduler and monitor advance once).
 
 ``engine_step`` works for every optimizer (for first-order ones it is the standard loop), and
-returns L at the start of the step, all-reduced, hence identical on every rank.
+returns L at the start of the step, all-reduced, hence identical on every rank. It needs exactly
+``gradient_accumulation_steps`` micro-batches (one global batch).
+
+What runs where (checked by ``prepare_ds_config``; fp32 unless noted):
+
+    optimizer          ZeRO stages   offload_optimizer   fp16/bf16   step
+    adam/adamw/sgd     0 1 2 3       yes                 yes         standard loop
+    lbfgs              0 1 2         yes (ZeRO 1/2)      no          engine_step (line search)
+    kfac               0             no                  no          standard loop (hooks)
+
+L-BFGS under ZeRO 3 is refused (the parameters themselves are partitioned and gathered inside
+forward, so a trial point cannot be written back with ZeRO 1/2's copy + all-gather); K-FAC under
+ZeRO >= 1 is refused (its step needs each layer's whole gradient matrix, ZeRO 1/2 hand the
+client a flat slice of it); both refuse fp16/bf16 (noisy evaluations, and the mixed-precision
+wrappers hand the client master copies K-FAC's hooks do not see) and L-BFGS refuses
+``gradient_clipping`` (the line search needs the true gradient). For L-BFGS and K-FAC
+``gradient_clipping`` defaults to 0 here: DeepSpeed's own default is 1.0.
 """
 
 from __future__ import annotations
@@ -81,10 +97,10 @@ class OptimConfig:
     name: str = "adam"
     """Optimizer: adam | adamw | sgd | lbfgs | kfac."""
     lr: float = 1e-3
-    """Learning rate (step length of L-BFGS's first trial is lr * min(1, 1/|g|_1) at step 0, then 1;
-    for K-FAC the rate of the inner update)."""
+    """Learning rate. L-BFGS: the first trial step of each line search (use 1: the quasi-Newton
+    step; the very first iteration tries lr * min(1, 1/|g|_1)). K-FAC: the inner update's rate."""
     weight_decay: float = 0.0
-    """L2 penalty (Adam, SGD, K-FAC inner) or decoupled decay (AdamW)."""
+    """L2 penalty (Adam, SGD, K-FAC inner) or decoupled decay (AdamW); not used by L-BFGS."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam moment decay rates (beta1, beta2)."""
     eps: float = 1e-8
@@ -107,6 +123,11 @@ class OptimConfig:
         _positive("optim.eps", self.eps)
         if not 0.0 <= self.momentum < 1.0:
             raise PdedsError(f"optim.momentum: {self.momentum} must lie in [0, 1)")
+        if self.name == "lbfgs" and self.weight_decay > 0:
+            raise PdedsError(
+                "optim.weight_decay is not used by L-BFGS; set it to 0 (optim.lbfgs.damping adds "
+                "curvature instead)"
+            )
         _validate_lbfgs(self.lbfgs)
         _validate_kfac(self.kfac)
 
@@ -135,8 +156,12 @@ def _validate_lbfgs(c: LBFGSConfig) -> None:
         raise PdedsError(
             f"optim.lbfgs.line_search: {c.line_search!r} is not one of {', '.join(LINE_SEARCHES)}"
         )
-    if not 0.0 <= c.damping < 1.0:
-        raise PdedsError(f"optim.lbfgs.damping: {c.damping} must lie in [0, 1) (0.2 is usual)")
+    _at_least("optim.lbfgs.damping", c.damping, 0.0)
+    if not 0.0 < c.wolfe_c1 < c.wolfe_c2 < 1.0:
+        raise PdedsError(
+            f"optim.lbfgs.wolfe_c1, wolfe_c2: {c.wolfe_c1}, {c.wolfe_c2} must satisfy "
+            "0 < c1 < c2 < 1 (e.g. 1e-4 and 0.9)"
+        )
     _at_least("optim.lbfgs.tolerance_grad", c.tolerance_grad, 0.0)
     _at_least("optim.lbfgs.tolerance_change", c.tolerance_change, 0.0)
 

@@ -282,6 +282,8 @@ class LBFGS(torch.optim.Optimizer):
         self._captured: list[torch.Tensor] | None = None
         self._evaluator: _EngineEvaluator | None = None
         self._start_loss: float | None = None
+        self.evaluations_last_step = 0
+        """Loss + gradient evaluations of the global batch the last step used (incl. its first)."""
 
     def reset_state(self) -> None:
         """Forget the curvature history (e.g. when the loss changes at a multigrid level switch)."""
@@ -348,7 +350,7 @@ class LBFGS(torch.optim.Optimizer):
             raise RuntimeError(
                 "LBFGS.step needs a closure; under DeepSpeed call pdeds.optim.engine_step"
             )
-        self._iterate(evaluate, loss, g)
+        self.evaluations_last_step = 1 + self._iterate(evaluate, loss, g)
         return loss
 
     def _closure_evaluator(self, closure: Callable[[], Any]) -> Callable[[], tuple[float, Any]]:
@@ -359,7 +361,9 @@ class LBFGS(torch.optim.Optimizer):
 
         return evaluate
 
-    def _iterate(self, evaluate: Callable[[], tuple[float, torch.Tensor]], f: float, g) -> None:
+    def _iterate(self, evaluate: Callable[[], tuple[float, torch.Tensor]], f: float, g) -> int:
+        """Up to max_iter iterations from loss f, local gradient g; returns the evaluations used."""
+        used = 0
         group = self.param_groups[0]
         state = self.state[self._params()[0]]
         state.setdefault("n_iter", 0)
@@ -394,6 +398,7 @@ class LBFGS(torch.optim.Optimizer):
                 max_evals=group["max_evals"],
             )
             state["func_evals"] += evals
+            used += evals
             state["n_iter"] += 1
             s = new.t * d
             x = x + s
@@ -406,6 +411,7 @@ class LBFGS(torch.optim.Optimizer):
                 or abs(new.t) * d_max <= group["tolerance_change"]
             ):
                 break
+        return used
 
     # ---- history and the two-loop recursion in coefficient space -------------------------
 
@@ -541,12 +547,10 @@ class _EngineEvaluator:
     def __init__(
         self, opt: LBFGS, engine: Any, micro_batches: Sequence[Any], loss_fn: Callable
     ) -> None:
-        self.opt, self.engine, self.micro_batches, self.loss_fn = (
-            opt,
-            engine,
-            micro_batches,
-            loss_fn,
-        )
+        self.opt = opt
+        self.engine = engine
+        self.micro_batches = micro_batches
+        self.loss_fn = loss_fn
 
     def __call__(self) -> tuple[float, torch.Tensor]:
         from pdeds.optim import global_mean

@@ -200,6 +200,20 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         v = visit_at(visits, step)
         return v.sample_offset + (min(step, v.end) - v.start) * v.batch
 
+    # L-BFGS is not stochastic: it keeps one global batch for hold_steps steps (0 = forever).
+    hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
+    if hold == 0 and g < len(coeffs):
+        mon.say(
+            f"note: L-BFGS holds one global batch of {g} of the {len(coeffs)} training samples "
+            "for the whole run (optim.lbfgs.hold_steps: 0); set ds.train_batch_size to "
+            f"{len(coeffs)} for full-batch L-BFGS or lbfgs.hold_steps > 0 to move on"
+        )
+
+    def stream_position(v: Visit, step: int) -> int:
+        """First stream entry of ``step``'s global batch (held batches repeat a position)."""
+        k = step - v.start
+        return v.sample_offset + ((k // hold) if hold > 0 else 0) * v.batch
+
     stop = StopRequest()
     scores: dict = {}
     step = start
@@ -210,8 +224,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
             v = hook.before_step(step)
             timers.clear()
             t0 = time.perf_counter()
-            pos = v.sample_offset + (step - v.start) * v.batch
-            idx = stream.indices(pos, v.batch)
+            idx = stream.indices(stream_position(v, step), v.batch)
             micro = split_global_batch(idx, v.micro_batch, world, rank)
             loss = engine_step(engine, micro, forward_backward_loss)
             dt = time.perf_counter() - t0
