@@ -71,3 +71,20 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("pdeds: error:") and match in lines[-1], r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_torchrun_runs_the_same_module(tmp_path):
+    cfg = write_tiny(tmp_path / "c.yaml", train={"steps": 2})
+    run = tmp_path / "run"
+    torchrun = ROOT / ".venv" / "bin" / "torchrun"
+    exe = str(torchrun) if torchrun.exists() else "torchrun"
+    r = subprocess.run(
+        [exe, "--nproc_per_node", "2", "-m", "pdeds", "train", str(cfg), "--run-dir", str(run)],
+        cwd=tmp_path,
+        env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
