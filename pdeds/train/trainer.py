@@ -28,7 +28,7 @@ from pdeds.config import Resolved, batch_sizes, dump_yaml
 from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
 from pdeds.multigrid import Visit, plan, visit_at
-from pdeds.optim import engine_step
+from pdeds.optim import client_optimizer, engine_step
 from pdeds.physics import fem
 from pdeds.train import checkpoint, rundir
 from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
@@ -108,10 +108,11 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         (run_dir / "config.yaml").write_text(config_text)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
 
-    start, clock = 0, {"train_s": 0.0}
+    start, clock = 0, {"train_s": 0.0, "evaluated": 0}
     if ckpt_path is not None:
         state = checkpoint.load(engine, ckpt_path)
-        start, clock["train_s"] = state["step"], state.get("train_s", 0.0)
+        start = state["step"]
+        clock.update(train_s=state.get("train_s", 0.0), evaluated=state.get("evaluated", 0))
     total = visits[-1].end
     mon = Monitor(run_dir, enabled=rank == 0, total_steps=total, start_step=start)
     mon.say(
@@ -172,6 +173,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
             "res": hook.current.res,
             "train_s": clock["train_s"],
             "samples": samples_seen(step),
+            "samples_evaluated": clock["evaluated"],
             **scores,
         }
         mon.log(row)
@@ -191,6 +193,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
                 "schedule": hook.state_dict(step),
                 "samples_seen": samples_seen(step),
                 "train_s": clock["train_s"],
+                "evaluated": clock["evaluated"],
             },
             cfg.train.keep_checkpoints,
         )
@@ -228,7 +231,9 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
             micro = split_global_batch(idx, v.micro_batch, world, rank)
             loss = engine_step(engine, micro, forward_backward_loss)
             dt = time.perf_counter() - t0
+            evals = getattr(client_optimizer(engine), "evaluations_last_step", 1)
             clock["train_s"] += dt
+            clock["evaluated"] += evals * v.batch
             if not math.isfinite(loss):
                 last = checkpoint.latest(run_dir / "checkpoints")
                 raise PdedsError(
@@ -251,6 +256,8 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
                     "visit": v.index,
                     "train_s": clock["train_s"],
                     "samples": samples_seen(step),
+                    "evaluations": evals,
+                    "samples_evaluated": clock["evaluated"],
                     "time_step_s": dt,
                     "time_data_s": timers.get("data", 0.0),
                     "time_forward_s": timers.get("forward", 0.0),
