@@ -5,8 +5,8 @@ Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (``s
 ``train_s`` = training wall time so far with evaluation excluded, ``samples`` = training samples
 drawn, ``samples_evaluated`` = sample forward/backward passes including every L-BFGS line-search
 evaluation, time breakdown, peak memory) and one per evaluation (``val_rel_l2_mean``,
-``val_rel_l2_max``, ``val_energy_gap``, the lifting baseline's, ``train_s``, ``samples``). On resume, rows past the
-resumed step are dropped so the file is the uninterrupted curve.
+``val_rel_l2_max``, ``val_energy_gap``, the lifting baseline's, ``train_s``, ``samples``).
+On resume, rows past the resumed step are dropped so the file is the uninterrupted curve.
 """
 
 from __future__ import annotations
