@@ -96,25 +96,53 @@ class RunData:
     study: dict[str, Any] = field(default_factory=dict)
     """The run's entry in the study manifest, with "study", "kind" and "target" added."""
     missing: list[str] = field(default_factory=list)
+    from_tb: bool = False
+    """The rows were rebuilt from TensorBoard (metrics.jsonl missing)."""
     row: dict[str, Any] = field(default_factory=dict)
     """The CSV row (filled by :func:`summarise`)."""
 
 
-def _read(path: Path, parse: Any, missing: list[str]) -> Any:
-    """parse(text) of a file, or None with the file noted as missing / unreadable."""
+def _read(path: Path, parse: Any, missing: list[str]) -> dict[str, Any]:
+    """The mapping parse(text) of a file, or {} with the file noted as missing / unreadable."""
+    if not path.is_file():
+        missing.append(path.name)
+        return {}
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
+        missing.append(f"{path.name} (unreadable: {' '.join(str(err).split())[:60]})")
+        return {}
+    if not isinstance(data, dict):
+        missing.append(f"{path.name} (unreadable: not a mapping)")
+        return {}
+    return data
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_metrics(path: Path, missing: list[str]) -> list[dict[str, Any]] | None:
+    """metrics.jsonl rows (None if absent); lines that do not parse (a run killed mid-write)
+    are skipped and counted in ``missing``."""
     if not path.is_file():
         missing.append(path.name)
         return None
-    try:
-        return parse(path.read_text())
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
-        missing.append(f"{path.name} (unreadable: {' '.join(str(err).split())[:60]})")
-        return None
-
-
-def _jsonl(text: str) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r for r in rows if isinstance(r, dict)]
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and _is_number(row.get("step")):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        missing.append(f"metrics.jsonl ({bad} unreadable line{'s' * (bad > 1)})")
+    return rows
 
 
 def read_tensorboard(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -188,10 +216,10 @@ def load_run(path: Path, manifest: dict[str, Any] | None = None) -> RunData:
     if not path.is_dir():
         run.missing.append("the run directory")
         return run
-    run.summary = _read(path / "summary.json", json.loads, run.missing) or {}
-    run.config = _read(path / "config.yaml", yaml.safe_load, run.missing) or {}
-    run.ds = _read(path / "ds_config.json", json.loads, run.missing) or {}
-    rows = _read(path / "metrics.jsonl", _jsonl, run.missing)
+    run.summary = _read(path / "summary.json", json.loads, run.missing)
+    run.config = _read(path / "config.yaml", yaml.safe_load, run.missing)
+    run.ds = _read(path / "ds_config.json", json.loads, run.missing)
+    rows = read_metrics(path / "metrics.jsonl", run.missing)
     if (path / "tb").is_dir():
         try:
             run.tb = read_tensorboard(path / "tb")
@@ -199,16 +227,17 @@ def load_run(path: Path, manifest: dict[str, Any] | None = None) -> RunData:
             run.missing.append(f"tb (unreadable: {type(err).__name__})")
     else:
         run.missing.append("tb")
-    if rows is None and run.tb:
+    run.from_tb = rows is None and bool(run.tb)
+    if run.from_tb:
         rows = rows_from_tensorboard(run.tb)
     rows = rows or []
-    run.steps = [r for r in rows if "loss" in r and "step" in r]
-    run.evals = [r for r in rows if "val_rel_l2_mean" in r and "step" in r]
+    run.steps = [r for r in rows if _is_number(r.get("loss"))]
+    run.evals = [r for r in rows if _is_number(r.get("val_rel_l2_mean"))]
     return run
 
 
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
+def _median(values: list[Any]) -> float | None:
+    values = [v for v in values if _is_number(v)]
     return statistics.median(values) if values else None
 
 
@@ -216,13 +245,19 @@ def throughput(steps: list[dict[str, Any]]) -> tuple[float | None, float | None]
     """(samples/s, step time) medians over the logged steps at the finest resolution."""
     if not steps:
         return None, None
-    finest = max(r.get("res", 0) for r in steps)
-    rows = [r for r in steps if r.get("res", 0) == finest]
+    finest = max(r.get("res") or 0 for r in steps)
+    rows = [r for r in steps if (r.get("res") or 0) == finest]
     if len(rows) > 1:
         rows = rows[1:]
     times = [r.get("time_step_s") for r in rows]
-    if all(t is None for t in times):
-        times = [r["batch"] / r["samples_per_s"] for r in rows if r.get("samples_per_s")]
+    if not any(_is_number(t) for t in times):
+        times = [
+            r["batch"] / r["samples_per_s"]
+            for r in rows
+            if _is_number(r.get("batch"))
+            and _is_number(r.get("samples_per_s"))
+            and r["samples_per_s"] > 0
+        ]
     return _median([r.get("samples_per_s") for r in rows]), _median(times)
 
 
@@ -272,7 +307,8 @@ def _ranks(run: RunData) -> int | None:
             "gradient_accumulation_steps",
         )
     )
-    return g // (m * a) if g and m and a else None
+    ok = all(isinstance(v, int) and v > 0 for v in (g, m, a))
+    return g // (m * a) if ok else None
 
 
 def _kind_from_path(path: Path) -> str:
@@ -290,7 +326,7 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
     final = run.evals[-1]["val_rel_l2_mean"] if run.evals else run.summary.get("val_rel_l2_mean")
     peak = run.summary.get("peak_memory_mb")
     if peak is None and run.steps:
-        peak = max(r.get("peak_memory_mb", 0.0) for r in run.steps) or None
+        peak = max((r.get("peak_memory_mb") or 0.0) for r in run.steps) or None
     row = {
         "run": run.name,
         "path": str(run.path),
@@ -301,7 +337,7 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
         "zero": _get(run.ds, "zero_optimization", "stage"),
         "offload": offload_of(run.ds),
         "res": _get(run.config, "problem", "res")
-        or (max(r.get("res", 0) for r in run.steps) if run.steps else None),
+        or (max(r.get("res") or 0 for r in run.steps) if run.steps else None),
         "global_batch": run.ds.get("train_batch_size", first.get("batch")),
         "micro_batch": run.ds.get("train_micro_batch_size_per_gpu", first.get("micro_batch")),
         "accumulation": run.ds.get("gradient_accumulation_steps"),
@@ -321,7 +357,7 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
         "efficiency": None,
         "completed": run.summary.get("completed"),
         "tb_scalars": len(run.tb) if run.tb else None,
-        "tb_agrees": tb_agrees(run.steps, run.tb),
+        "tb_agrees": None if run.from_tb else tb_agrees(run.steps, run.tb),
         "missing": "; ".join(run.missing),
     }
     run.row = row
@@ -520,6 +556,19 @@ def _figure(ncols: int = 1) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _log_y(ax: Any, values: list[float]) -> None:
+    """A log y axis labelled 1, 2, 5 x 10^k in plain numbers when ``values`` span > 10x."""
+    from matplotlib.ticker import LogLocator, NullLocator, StrMethodFormatter
+
+    positive = [v for v in values if v and v > 0]
+    if not positive or max(positive) <= 10 * min(positive):
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def plot_scaling(rows: list[dict[str, Any]], kind: str, path: Path) -> bool:
     """Throughput and parallel efficiency against ranks, one line per scaling group."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -529,6 +578,7 @@ def plot_scaling(rows: list[dict[str, Any]], kind: str, path: Path) -> bool:
     if not groups:
         return False
     fig, (ax_x, ax_e) = _figure(2)
+    shown: list[float] = []
     for label, series in sorted(groups.items()):
         series = sorted(series, key=lambda r: r["ranks"])
         n = [r["ranks"] for r in series]
@@ -537,6 +587,7 @@ def plot_scaling(rows: list[dict[str, Any]], kind: str, path: Path) -> bool:
         ideal = [x0 * k / n0 for k in n]
         ax_x.plot(n, ideal, ":", color=line.get_color(), alpha=0.6)
         ax_e.plot(n, [r["efficiency"] for r in series], "o-", color=line.get_color())
+        shown += [r["samples_per_s"] for r in series] + ideal
     ax_e.axhline(1.0, color="grey", ls=":", lw=1)
     ticks = sorted({r["ranks"] for g in groups.values() for r in g})
     for ax in (ax_x, ax_e):
@@ -545,7 +596,7 @@ def plot_scaling(rows: list[dict[str, Any]], kind: str, path: Path) -> bool:
         ax.minorticks_off()
         ax.set_xlabel("ranks")
         ax.grid(alpha=0.3)
-    ax_x.set_yscale("log")
+    _log_y(ax_x, shown)
     ax_x.set_ylabel("samples / s  (dotted: ideal)")
     formula = "N0 T0 / (N T_N)" if kind == "strong" else "T0 / T_N"
     ax_e.set_ylabel(f"parallel efficiency  {formula}")
@@ -573,15 +624,17 @@ def plot_time_to_target(rows: list[dict[str, Any]], by: str, path: Path) -> str 
         for r in cand
     ]
     x = range(len(cand))
+    values = sorted({str(r[by]) for r in cand})
+    colors = [f"C{values.index(str(r[by])) % 10}" for r in cand]
     for ax, key, fallback, unit in (
         (ax_t, "time_to_target_s", "train_s", "training time to target (s)"),
         (ax_n, "samples_to_target", "samples", "samples to target"),
     ):
         for i, r in zip(x, cand):
             if r[key] is not None:
-                ax.bar(i, r[key], color=f"C{i % 10}")
+                ax.bar(i, r[key], color=colors[i])
             elif r[fallback]:
-                ax.bar(i, r[fallback], color="none", edgecolor=f"C{i % 10}", hatch="//")
+                ax.bar(i, r[fallback], color="none", edgecolor=colors[i], hatch="//")
                 ax.text(i, r[fallback], "not\nreached", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_ylabel(unit)
@@ -607,9 +660,7 @@ def plot_val_curves(runs: list[RunData], path: Path) -> bool:
     targets = sorted({r.row["target"] for r in drawn if r.row["target"] is not None})
     for t in targets:
         ax.axhline(t, color="grey", ls="--", lw=1)
-    values = [e["val_rel_l2_mean"] for r in drawn for e in r.evals]
-    if max(values) > 10 * min(values) > 0:
-        ax.set_yscale("log")
+    _log_y(ax, [e["val_rel_l2_mean"] for r in drawn for e in r.evals])
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("held-out mean rel-L2")
     ax.grid(alpha=0.3, which="both")
@@ -619,19 +670,20 @@ def plot_val_curves(runs: list[RunData], path: Path) -> bool:
 
 
 def plot_memory(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Peak memory per rank against resolution, one line per (ranks, ZeRO, offload)."""
+    """Peak memory of rank 0 against resolution, one line per (ranks, ZeRO, offload)."""
     pts = [r for r in rows if r["res"] and r["peak_memory_mb"]]
     if len({r["res"] for r in pts}) < 2:
         return False
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    groups: dict[tuple, dict[int, float]] = {}
     for r in pts:
-        groups.setdefault((r["ranks"], r["zero"], r["offload"]), []).append(r)
+        peaks = groups.setdefault((r["ranks"], r["zero"], r["offload"]), {})
+        peaks[r["res"]] = max(peaks.get(r["res"], 0.0), r["peak_memory_mb"])
     fig, (ax,) = _figure(1)
-    for (ranks, zero, offload), series in sorted(groups.items(), key=str):
-        series = sorted(series, key=lambda r: r["res"])
+    for (ranks, zero, offload), peaks in sorted(groups.items(), key=str):
+        res = sorted(peaks)
         ax.plot(
-            [r["res"] for r in series],
-            [r["peak_memory_mb"] for r in series],
+            res,
+            [peaks[n] for n in res],
             "o-",
             label=f"{ranks} ranks, ZeRO {zero}, offload {offload}",
         )
@@ -639,7 +691,7 @@ def plot_memory(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_yscale("log")
+    _log_y(ax, [p for peaks in groups.values() for p in peaks.values()])
     ax.set_xlabel("resolution (nodes per axis)")
     ax.set_ylabel("peak memory of rank 0 (MiB)")
     ax.grid(alpha=0.3, which="both")

@@ -9,7 +9,7 @@ A study file (see ``analysis/studies/``)::
       zero: [0, 2]
     set: [train.steps=20, problem.res=16]         # fixed overrides of every run (ds.* too)
     target: 0.05                                  # held-out rel-L2 target (time-to-target)
-    machine: {cores: 2, gpus: 0, memory_gib: 8}   # this machine (default: detected)
+    machine: {cores: 2, gpus: 0}                  # this machine (keys not given: detected)
     cluster: {launcher: slurm_cpu, ranks_per_node: 8}
 
 Axes and the keys they set: ``ranks`` (world size W, the launcher's N), ``nodes``, ``zero``
@@ -21,8 +21,9 @@ one level).
 
 Batch sizes per run (G global, m micro-batch per rank, a accumulation steps, G = m a W):
 
-- strong: G fixed (axis ``batch`` or the base JSON); m = axis ``micro_batch``, else the base's
-  capped at G / W; a = G / (m W). A rank count that does not divide G is an error.
+- strong: G fixed (axis ``batch`` or the base JSON); m = axis ``micro_batch``, else the
+  largest divisor of G / W not above the base's; a = G / (m W). A rank count that does not
+  divide G, or a micro_batch axis value that does not divide G / W, is an error.
 - weak: m fixed (axis ``micro_batch`` or the base's), a = the base JSON's
   ``gradient_accumulation_steps`` (default 1), G = m a W.
 - comparison: the axes set their keys and nothing is derived.
@@ -247,8 +248,12 @@ def load_study(path: str | Path, machine: Machine | None = None) -> Study:
     if target is not None and not target > 0:
         raise PdedsError(f"study {path}: target must be > 0, got {target}")
     if machine is None:
-        machine = build(Machine, data["machine"], "machine") if data.get("machine") else None
-        machine = machine or Machine.detect()
+        given = data.get("machine") or {}
+        if not isinstance(given, dict):
+            raise PdedsError(f"study {path}: machine must map cores, gpus, memory_gib to numbers")
+        pinned = build(Machine, given, "machine")
+        detected = Machine.detect() if set(given) != {"cores", "gpus", "memory_gib"} else pinned
+        machine = Machine(**{**asdict(detected), **{k: getattr(pinned, k) for k in given}})
     cluster = build(Cluster, data.get("cluster") or {}, "cluster")
     cluster.validate()
     return Study(
@@ -321,7 +326,8 @@ def _strong_batch(
     per_rank = g // ranks
     m = micro if micro is not None else per_rank
     if not fixed_micro:
-        m = min(m, per_rank)
+        # The base micro-batch bounds the memory of one forward: take its largest divisor fit.
+        m = max(d for d in range(1, min(m, per_rank) + 1) if per_rank % d == 0)
     if per_rank % m:
         raise PdedsError(
             f"study run {name}: {per_rank} samples per rank (global batch {g} / {ranks} ranks) "

@@ -12,15 +12,9 @@ import pytest
 
 import pdeds
 from pdeds.data import hdf5
-from pdeds.data.hdf5 import (
-    FieldWriter,
-    inspect,
-    open_checked,
-    read_coefficients,
-    read_fields,
-    write_coefficients,
-    write_fields,
-)
+from pdeds.data.fields import FieldWriter, write_fields
+from pdeds.data.hdf5 import open_checked, read_coefficients, read_fields, write_coefficients
+from pdeds.data.summary import inspect
 from pdeds.data.xdmf import write_xdmf
 from pdeds.errors import PdedsError
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pdeds.optim.lbfgs import LBFGS, cubic_minimizer
+from pdeds.optim.lbfgs import LBFGS
+from pdeds.optim.line_search import cubic_minimizer
 from pdeds.physics import fem, kl, reference
 from pdeds.testing.distributed import run_ranks
 

@@ -182,7 +182,7 @@ def _write_resolution(
     """Compute and store resolution n sample by sample, resuming where the file stops."""
     import torch
 
-    from pdeds.data.hdf5 import FieldWriter
+    from pdeds.data.fields import FieldWriter
     from pdeds.physics.kl import diffusivity
 
     kw = dict(dim=meta["dim"], eta=meta["eta"], family=meta["family"])
@@ -278,7 +278,7 @@ def build_file(
 def run(args: argparse.Namespace) -> int:
     """``pdeds data``: inspect a file, or sample coefficients and build one."""
     if args.inspect is not None:
-        from pdeds.data.hdf5 import inspect
+        from pdeds.data.summary import inspect
 
         print(inspect(args.inspect))
         return 0

@@ -27,10 +27,7 @@ when every sample is in.
 from __future__ import annotations
 
 import datetime
-import math
 import os
-import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +46,8 @@ FIELDS = ("nu", "u_ref")
 FIELD_DTYPES = {"nu": np.float32, "u_ref": np.float64}
 STATS = ("assembly_s", "setup_s", "solve_s", "iterations", "residual")
 """Per-sample reference-solve statistics stored next to u_ref (keys of solve_with_stats)."""
-_STAT_DTYPES = {"iterations": np.int64}
-_STAT_FILL = {"iterations": -1}
+STAT_DTYPES = {"iterations": np.int64}
+STAT_FILL = {"iterations": -1}
 COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 PathLike = str | os.PathLike
@@ -87,7 +84,7 @@ def publish(staging: PathLike, path: PathLike) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _py(value: Any) -> Any:
+def py_value(value: Any) -> Any:
     """An HDF5 attribute as a plain Python value (numpy scalars, bytes -> int/float/bool/str)."""
     if isinstance(value, bytes):
         return value.decode()
@@ -153,12 +150,12 @@ def open_checked(
 
 
 def _check_file(f: h5py.File, path: Path, res: Sequence[int], fields: Sequence[str]) -> None:
-    if _py(f.attrs.get("format")) != FORMAT:
+    if py_value(f.attrs.get("format")) != FORMAT:
         raise PdedsError(
             f"{path} is an HDF5 file but not a pdeds data file (no format='{FORMAT}' attribute); "
             "give a file written by `pdeds data`"
         )
-    version = _py(f.attrs.get("format_version", 0))
+    version = py_value(f.attrs.get("format_version", 0))
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PdedsError(
             f"{path} has format_version {version!r}, newer than this pdeds reads "
@@ -175,10 +172,10 @@ def _check_file(f: h5py.File, path: Path, res: Sequence[int], fields: Sequence[s
             )
         group = f[name]
         # Groups written without FieldWriter carry no flag and count as complete.
-        if not bool(_py(group.attrs.get("complete", True))):
+        if not bool(py_value(group.attrs.get("complete", True))):
             raise PdedsError(
-                f"{path}: /{name} is incomplete ({_py(group.attrs.get('written', 0))} of "
-                f"{_py(group.attrs.get('samples', '?'))} samples written); rerun the command "
+                f"{path}: /{name} is incomplete ({py_value(group.attrs.get('written', 0))} of "
+                f"{py_value(group.attrs.get('samples', '?'))} samples written); rerun the command "
                 "that wrote it"
             )
         for field in fields:
@@ -195,7 +192,7 @@ def read_coefficients(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """The (K, m) float64 coefficients and the root attributes as plain Python values."""
     with open_checked(path) as f:
         coeffs = f["coeffs"][...]
-        meta = {k: _py(v) for k, v in f.attrs.items()}
+        meta = {k: py_value(v) for k, v in f.attrs.items()}
     return coeffs, meta
 
 
@@ -219,7 +216,7 @@ def read_fields(
         sel = np.asarray(sel, dtype=np.int64)
     with open_checked(path, res=[n]) as f:
         group = f[res_group(n)]
-        out: dict[str, Any] = {k: _py(v) for k, v in group.attrs.items()}
+        out: dict[str, Any] = {k: py_value(v) for k, v in group.attrs.items()}
         for name, item in group.items():
             if isinstance(item, h5py.Dataset):
                 out[name] = item[sel]
@@ -314,205 +311,6 @@ def write_coefficients(
     publish(tmp, path)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-class FieldWriter:
-    """Writes one resolution group sample by sample; resumes a group left unfinished.
-
-    Use on a staging file (see :func:`staging_path`)::
-
-        with FieldWriter(tmp, n, nu=True, u_ref=True, rtol=1e-10, method="amg") as w:
-            for k in range(w.written, w.samples):
-                w.write(k, nu=nu_k, u_ref=u_k, stats=stats_k)
-
-    Samples are written in order; after each one the file is flushed and the group's
-    ``written`` attribute counts it, so a rerun continues where a crash stopped. An existing
-    group whose layout or solver settings differ is discarded and rewritten.
-
-    Args:
-        path: an existing pdeds data file (normally the staging file).
-        n: nodes per axis.
-        nu: store the diffusivity fields.
-        u_ref: store reference solutions and their statistics.
-        rtol: solver tolerance recorded with u_ref.
-        method: solver method recorded with u_ref.
-    """
-
-    def __init__(
-        self,
-        path: PathLike,
-        n: int,
-        *,
-        nu: bool = False,
-        u_ref: bool = False,
-        rtol: float | None = None,
-        method: str | None = None,
-    ) -> None:
-        if not (nu or u_ref):
-            raise PdedsError("nothing to write for a resolution; ask for nu and/or u_ref")
-        if int(n) < 2:
-            raise PdedsError(
-                f"resolution must be >= 2 nodes per axis, got {n}; use --res 2 or more"
-            )
-        self.path = Path(path)
-        self.n = int(n)
-        self._file = open_checked(path, mode="r+")
-        try:
-            self.samples = int(self._file["coeffs"].shape[0])
-            self.dim = int(_py(self._file.attrs["dim"]))
-            self._names = [name for name, want in zip(FIELDS, (nu, u_ref), strict=True) if want]
-            attrs = {"n": self.n, "samples": self.samples}
-            if u_ref:
-                attrs.update(rtol=rtol, method=method)
-            self._group = self._open_group({k: v for k, v in attrs.items() if v is not None})
-        except BaseException:
-            self._file.close()
-            raise
-        self.written = int(_py(self._group.attrs["written"]))
-
-    def _layout_matches(self, group: h5py.Group, attrs: Mapping[str, Any]) -> bool:
-        shape = (self.samples, 1) + (self.n,) * self.dim
-        held = sorted(k for k in group if k in FIELDS)
-        if held != sorted(self._names):
-            return False
-        if any(group[k].shape != shape for k in held):
-            return False
-        return all(_py(group.attrs.get(k)) == v for k, v in attrs.items())
-
-    def _open_group(self, attrs: Mapping[str, Any]) -> h5py.Group:
-        name = res_group(self.n)
-        if name in self._file:
-            if self._layout_matches(self._file[name], attrs):
-                return self._file[name]
-            del self._file[name]
-        group = self._file.create_group(name)
-        shape = (self.samples, 1) + (self.n,) * self.dim
-        for field in self._names:
-            group.create_dataset(
-                field,
-                shape=shape,
-                dtype=FIELD_DTYPES[field],
-                chunks=(1,) + shape[1:],
-                **COMPRESSION,
-            )
-        if "u_ref" in self._names:
-            for stat in STATS:
-                dtype = _STAT_DTYPES.get(stat, np.float64)
-                fill = _STAT_FILL.get(stat, np.nan)
-                group.create_dataset(stat, data=np.full(self.samples, fill, dtype=dtype))
-        for key, value in attrs.items():
-            group.attrs[key] = value
-        group.attrs["written"] = 0
-        group.attrs["complete"] = False
-        self._file.flush()
-        return group
-
-    def write(
-        self,
-        k: int,
-        *,
-        nu: Any = None,
-        u_ref: Any = None,
-        stats: Mapping[str, float] | None = None,
-    ) -> None:
-        """Store sample k (must equal ``written``); arrays of shape (1, N..) or (1, 1, N..)."""
-        if k != self.written:
-            raise ValueError(f"samples are written in order: expected {self.written}, got {k}")
-        given = {"nu": nu, "u_ref": u_ref}
-        for field in self._names:
-            if given[field] is None:
-                raise ValueError(f"sample {k} at res {self.n} lacks '{field}'")
-            dset = self._group[field]
-            dset[k] = _as_numpy(given[field]).reshape(dset.shape[1:]).astype(dset.dtype)
-        if "u_ref" in self._names:
-            if stats is None:
-                raise ValueError(f"sample {k} at res {self.n} lacks solver statistics")
-            for stat in STATS:
-                if stat in stats:
-                    self._group[stat][k] = stats[stat]
-        self.written = k + 1
-        self._group.attrs["written"] = self.written
-        self._file.flush()
-
-    def close(self) -> None:
-        """Mark the group complete when every sample is in, and close the file."""
-        if self._file.id.valid:
-            if self.written == self.samples:
-                self._group.attrs["complete"] = True
-            self._file.close()
-
-    def __enter__(self) -> FieldWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def write_fields(
-    path: PathLike,
-    n: int,
-    nu: Any = None,
-    u_ref: Any = None,
-    stats: Sequence[Mapping[str, float]] | None = None,
-    *,
-    rtol: float | None = None,
-    method: str | None = None,
-    force: bool = False,
-) -> None:
-    """Add resolution n (nu and/or u_ref for every sample) to an existing data file.
-
-    The file is copied to ``<path>.tmp``, the group written there, and the copy renamed over
-    ``path``, so a crash leaves the original untouched (this copies the file once; the CLI
-    builds files in one pass and does not pay it).
-
-    Args:
-        path: an existing pdeds data file.
-        n: nodes per axis.
-        nu: (K, 1, N..) diffusivity, stored as float32.
-        u_ref: (K, 1, N..) reference solutions, stored as float64.
-        stats: per-sample dicts (keys of :data:`STATS`), required with u_ref.
-        rtol: solver tolerance, recorded with u_ref.
-        method: solver method, recorded with u_ref.
-        force: replace an existing group for resolution n.
-    """
-    path = Path(path)
-    with open_checked(path) as f:
-        k = int(f["coeffs"].shape[0])
-        exists = res_group(n) in f
-    if exists and not force:
-        raise PdedsError(f"{path} already holds resolution {n}; pass --force to overwrite")
-    if u_ref is not None and (stats is None or len(stats) != k):
-        raise PdedsError(f"u_ref needs one statistics dict per sample ({k}); pass stats")
-    arrays = {name: _as_numpy(a) for name, a in (("nu", nu), ("u_ref", u_ref)) if a is not None}
-    for name, a in arrays.items():
-        if a.shape[0] != k:
-            raise PdedsError(f"{name} has {a.shape[0]} samples but the file has {k}; match them")
-    tmp = staging_path(path)
-    shutil.copyfile(path, tmp)
-    try:
-        with open_checked(tmp, mode="r+") as f:
-            if res_group(n) in f:
-                del f[res_group(n)]
-        with FieldWriter(
-            tmp, n, nu="nu" in arrays, u_ref="u_ref" in arrays, rtol=rtol, method=method
-        ) as w:
-            for i in range(k):
-                w.write(
-                    i,
-                    nu=arrays["nu"][i] if "nu" in arrays else None,
-                    u_ref=arrays["u_ref"][i] if "u_ref" in arrays else None,
-                    stats=stats[i] if stats is not None else None,
-                )
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    publish(tmp, path)
-
-
 def matches(path: PathLike, coeffs: np.ndarray, meta: Mapping[str, Any]) -> bool:
     """Whether an existing (staging) file holds exactly these coefficients and parameters."""
     try:
@@ -521,13 +319,13 @@ def matches(path: PathLike, coeffs: np.ndarray, meta: Mapping[str, Any]) -> bool
         return False
     try:
         with f:
-            stored = {k: _py(v) for k, v in f.attrs.items() if k not in RESERVED_ATTRS}
+            stored = {k: py_value(v) for k, v in f.attrs.items() if k not in RESERVED_ATTRS}
             same = np.array_equal(f["coeffs"][...], coeffs)
     except (OSError, KeyError):
         return False
     want = _root_attrs(check_coeffs(coeffs), meta)
     want = {k: v for k, v in want.items() if k not in RESERVED_ATTRS}
-    return same and stored == {k: _py(np.asarray(v)[()]) for k, v in want.items()}
+    return same and stored == {k: py_value(np.asarray(v)[()]) for k, v in want.items()}
 
 
 def drop_resolutions(path: PathLike, *, keep: Sequence[int]) -> None:
@@ -539,60 +337,3 @@ def drop_resolutions(path: PathLike, *, keep: Sequence[int]) -> None:
 
 
 # ----------------------------------------------------------------------------- inspecting
-
-
-def _filters(dset: h5py.Dataset) -> str:
-    parts = []
-    if dset.chunks:
-        parts.append("chunks " + "x".join(map(str, dset.chunks)))
-    if dset.compression:
-        opts = f" {dset.compression_opts}" if dset.compression_opts is not None else ""
-        parts.append(f"{dset.compression}{opts}")
-    if dset.shuffle:
-        parts.append("shuffle")
-    return ", ".join(parts) or "contiguous"
-
-
-def _format_attr(value: Any) -> str:
-    value = _py(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:g}"
-    return str(value)
-
-
-def _natural(name: str) -> list[Any]:
-    """Sort key that orders res_9 before res_17."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def inspect(path: PathLike) -> str:
-    """A human summary of a data file: root attributes, then every group and dataset."""
-    path = Path(path)
-    with open_checked(path) as f:
-        lines = [f"{path}  ({path.stat().st_size / 2**20:.2f} MiB)"]
-        lines.append("attributes:")
-        width = max(len(k) for k in f.attrs)
-        for key in sorted(f.attrs):
-            lines.append(f"  {key:<{width}} = {_format_attr(f.attrs[key])}")
-        rows: list[tuple[str, str, str, str]] = []
-        group_attrs: list[str] = []
-
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset):
-                shape = "(" + ", ".join(map(str, obj.shape)) + ")"
-                rows.append(("/" + name, shape, str(obj.dtype), _filters(obj)))
-            elif obj.attrs:
-                attrs = "  ".join(f"{k}={_format_attr(v)}" for k, v in sorted(obj.attrs.items()))
-                group_attrs.append(f"  /{name}: {attrs}")
-
-        f.visititems(visit)
-        rows.sort(key=lambda r: _natural(r[0]))
-        group_attrs.sort(key=_natural)
-        lines.append("datasets:")
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
-        if group_attrs:
-            lines.append("groups:")
-            lines.extend(group_attrs)
-    return "\n".join(lines)

@@ -1,0 +1,320 @@
+"""Studies: axis expansion, batch sizes per kind, scripts for runs that do not fit, execution."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from trainer_util import write_tiny
+
+from pdeds import study as st
+from pdeds.cli import main
+from pdeds.config import batch_sizes, resolve
+from pdeds.errors import PdedsError
+
+MACHINE = {"cores": 2, "gpus": 0, "memory_gib": 8.0}
+
+
+def write_study(tmp_path: Path, name: str = "s", **spec) -> Path:
+    """A study over the tiny experiment (tests/trainer_util.TINY), on a pinned 2-core machine."""
+    base = tmp_path / "tiny.yaml"
+    if not base.exists():
+        write_tiny(base, train={"steps": 2})
+    data = {"base": "tiny.yaml", "machine": MACHINE, **spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def expanded(path: Path) -> tuple[st.Study, list[st.Run]]:
+    study = st.load_study(path)
+    runs = st.expand(study)
+    st.validate(study, runs)
+    return study, runs
+
+
+def test_strong_scaling_keeps_the_global_batch_and_derives_micro_and_accumulation(tmp_path):
+    path = write_study(
+        tmp_path,
+        kind="strong",
+        axes={"ranks": [1, 2, 4, 8]},
+        set=["ds.train_batch_size=8"],
+        cluster={"ranks_per_node": 2},
+    )
+    study, runs = expanded(path)
+    # G = 8 fixed; the base micro-batch 2 is kept while it divides 8 / W, else it shrinks.
+    want = {
+        "r1": (1, 1, (8, 2, 4), True),
+        "r2": (2, 1, (8, 2, 2), True),
+        "r4": (4, 2, (8, 2, 1), False),
+        "r8": (8, 4, (8, 1, 1), False),
+    }
+    assert [r.name for r in runs] == list(want)
+    for r in runs:
+        ranks, nodes, batch, fits = want[r.name]
+        assert (r.ranks, r.nodes, r.batch, r.fits) == (ranks, nodes, batch, fits)
+        res = resolve(study.base, r.all_overrides(study))
+        assert batch_sizes(res.ds, r.ranks) == batch
+        assert res.ds["train_batch_size"] == 8
+    assert runs[0].all_overrides(study).count("ds.train_batch_size=8") == 1
+
+
+def test_strong_scaling_with_a_batch_axis_and_a_non_dividing_rank_count(tmp_path):
+    path = write_study(tmp_path, kind="strong", axes={"ranks": [1, 2], "batch": [4, 6]})
+    _, runs = expanded(path)
+    assert [(r.name, r.batch) for r in runs] == [
+        ("r1_gb4", (4, 2, 2)),
+        ("r1_gb6", (6, 2, 3)),
+        ("r2_gb4", (4, 2, 1)),
+        ("r2_gb6", (6, 1, 3)),
+    ]
+    bad = write_study(tmp_path, "bad", kind="strong", axes={"ranks": [1, 3]}, machine={"cores": 4})
+    with pytest.raises(PdedsError, match=r"study run r3: .*global batch 4.*3 ranks"):
+        st.expand(st.load_study(bad))
+    micro = write_study(tmp_path, "mb", kind="strong", axes={"ranks": [2], "micro_batch": [3]})
+    with pytest.raises(PdedsError, match=r"study run r2_mb3: 2 samples per rank"):
+        st.expand(st.load_study(micro))
+
+
+def test_weak_scaling_fixes_the_per_rank_micro_batch(tmp_path):
+    path = write_study(
+        tmp_path,
+        kind="weak",
+        axes={"ranks": [1, 2, 4], "micro_batch": [1, 2]},
+        cluster={"ranks_per_node": 2},
+    )
+    study, runs = expanded(path)
+    assert len(runs) == 6
+    for r in runs:
+        m = r.values["micro_batch"]
+        assert r.name == f"r{r.ranks}_mb{m}"
+        assert r.batch == (m * r.ranks, m, 1)
+        assert f"ds.train_batch_size={m * r.ranks}" in r.overrides
+    with pytest.raises(PdedsError, match="weak scaling .* remove axes.batch"):
+        st.load_study(write_study(tmp_path, "w2", kind="weak", axes={"batch": [4]}))
+
+
+def test_comparison_is_the_plain_product_and_maps_axes_to_keys(tmp_path):
+    path = write_study(
+        tmp_path,
+        kind="comparison",
+        axes={"optimizer": ["adam", "sgd"], "zero": [0, 2], "res": [16, 32]},
+    )
+    study, runs = expanded(path)
+    assert len(runs) == 8
+    assert runs[0].name == "z0_res16_adam" and runs[-1].name == "z2_res32_sgd"
+    for r in runs:
+        cfg = resolve(study.base, r.all_overrides(study))
+        assert cfg.cfg.optim.name == r.values["optimizer"]
+        assert cfg.cfg.problem.res == r.values["res"]
+        assert cfg.ds["zero_optimization"]["stage"] == r.values["zero"]
+        assert r.batch == (4, 2, 2) and r.fits
+
+
+def test_offload_and_cycle_axes(tmp_path):
+    path = write_study(
+        tmp_path,
+        kind="comparison",
+        axes={"zero": [3], "offload": ["none", "optimizer", "param"], "cycle": ["single", "v"]},
+        set=["optim.name=adam", "train.steps=4"],
+    )
+    study, runs = expanded(path)
+    devices = {}
+    for r in runs:
+        res = resolve(study.base, r.all_overrides(study))
+        zero = res.ds["zero_optimization"]
+        devices[r.values["offload"]] = tuple(
+            (zero.get(k) or {}).get("device", "none")
+            for k in ("offload_optimizer", "offload_param")
+        )
+        levels = 2 if r.values["cycle"] == "v" else 1
+        assert res.cfg.schedule.cycle == r.values["cycle"] and res.cfg.schedule.levels == levels
+    assert devices == {
+        "none": ("none", "none"),
+        "optimizer": ("cpu", "none"),
+        "param": ("cpu", "cpu"),
+    }
+    bad = write_study(tmp_path, "b", axes={"zero": [2], "offload": ["param"]})
+    with pytest.raises(PdedsError, match=r"study run z2_offparam: parameter offload needs ZeRO"):
+        expanded(bad)
+    kfac = write_study(tmp_path, "k", axes={"zero": [2], "optimizer": ["kfac"]})
+    with pytest.raises(PdedsError, match=r"study run z2_kfac: optim.name 'kfac'.*ZeRO stage 2"):
+        expanded(kfac)
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ({"axes": {"gpus": [1]}}, "unknown axis 'gpus'"),
+        ({"axes": {"ranks": [1, 1]}}, "lists a value twice"),
+        ({"axes": {"zero": [4]}}, "ZeRO stage 4"),
+        ({"axes": {"offload": ["nvme"]}}, "'nvme' is not one of"),
+        ({"kind": "diagonal"}, "kind 'diagonal'"),
+        ({"axes": {"res": [15]}}, "study run res15: resolution 15"),
+        ({"set": ["optim.lrate=1"]}, "unknown key"),
+        ({"axes": {"ranks": [4]}}, "study run r4: 4 ranks do not fit .*cluster.ranks_per_node"),
+        ({"cluster": {"launcher": "pbs"}}, "cluster.launcher: 'pbs'"),
+    ],
+)
+def test_bad_studies_are_one_clear_error(tmp_path, capsys, spec, needle):
+    path = write_study(tmp_path, **spec)
+    assert main(["study", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pdeds: error:") and err.count("\n") == 1
+    assert re.search(needle, err), err
+
+
+def _exec_line(script: str) -> list[str]:
+    line = next(x for x in script.splitlines() if x.startswith("exec "))
+    return shlex.split(line)
+
+
+def test_runs_that_do_not_fit_become_scripts(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = write_study(
+        tmp_path,
+        kind="strong",
+        axes={"ranks": [4, 8]},
+        set=["ds.train_batch_size=8"],
+        cluster={"ranks_per_node": 2, "threads_per_rank": 3, "partition": "RM"},
+    )
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "r4: written, not run" in text and "r8: written, not run" in text
+    study = st.load_study(path)
+    for r in st.expand(study):
+        script = (out / f"{r.name}.sbatch").read_text()
+        assert f"#SBATCH --nodes={r.ranks // 2}\n" in script
+        assert "#SBATCH --partition=RM\n" in script and "export RANKS_PER_NODE=2\n" in script
+        assert "export THREADS=3\n" in script
+        argv = _exec_line(script)
+        assert argv[:3] == ["exec", "bash", "launch/slurm/cpu_cluster.sh"]
+        assert argv[argv.index("--run-dir") + 1] == str(out / r.name)
+        assert argv[argv.index("--resume") + 1] == "auto"
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        assert sets == r.all_overrides(study)
+        micro = 2 if r.ranks == 4 else 1  # 8 / W samples per rank, one micro-batch
+        assert f"ds.train_micro_batch_size_per_gpu={micro}" in sets
+        assert "ds.gradient_accumulation_steps=1" in sets
+        assert subprocess.run(["bash", "-n", str(out / f"{r.name}.sbatch")]).returncode == 0
+    manifest = json.loads((out / "study.json").read_text())
+    assert manifest["kind"] == "strong"
+    assert [(x["name"], x["nodes"], x["script"]) for x in manifest["runs"]] == [
+        ("r4", 2, "r4.sbatch"),
+        ("r8", 4, "r8.sbatch"),
+    ]
+    assert not (out / "r4").exists()
+
+
+@pytest.mark.parametrize("launcher", ["hostfile", "slurm_gpu"])
+def test_hostfile_and_gpu_scripts(tmp_path, launcher):
+    path = write_study(
+        tmp_path,
+        kind="weak",
+        axes={"ranks": [4]},
+        cluster={"launcher": launcher, "ranks_per_node": 2},
+    )
+    out = tmp_path / "o"
+    out.mkdir()
+    study, runs = expanded(path)
+    st.write_scripts(study, runs, out, lambda s: None)
+    if launcher == "hostfile":
+        script = (out / "r4.sh").read_text()
+        assert '"$nodes" -ne 2' in script and "slots=2" in script
+        assert _exec_line(script)[:3] == ["exec", "launch/multinode", "$hostfile"]
+    else:
+        script = (out / "r4.sbatch").read_text()
+        assert "#SBATCH --gpus-per-node=2\n" in script and "#SBATCH --nodes=2\n" in script
+        assert "launch/slurm/gpu_cluster.sh" in script and "RANKS_PER_NODE" not in script
+    assert "ds.train_batch_size=8" in _exec_line(script)
+
+
+def test_dry_run_prints_the_table_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = write_study(
+        tmp_path, kind="strong", axes={"ranks": [1, 2, 4]}, cluster={"ranks_per_node": 2}
+    )
+    assert main(["study", str(path), "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    row = {ln.split()[0]: ln.split() for ln in lines if ln.startswith("r")}
+    assert row["r1"][1:7] == ["1", "1", "4", "=", "2", "x"]
+    assert row["r2"][-3:] == ["here", "new", "-"] and row["r4"][-3:-1] == ["slurm_cpu", "script"]
+    assert "r1: " in text and "launch/local 1 " in text and "--set ds.train_batch_size=4" in text
+    assert "r4: sbatch " in text
+    assert not out.exists()
+    assert main(["study", str(path), "--dry-run", "--only", "r5"]) == 2
+    assert "no run named r5" in capsys.readouterr().err
+
+
+def _fake_launcher(tmp_path: Path, monkeypatch, outcome: dict[str, str]) -> Path:
+    """Replace launch/local by a script that records its argv and completes or fails a run."""
+    calls = tmp_path / "calls.jsonl"
+    code = (
+        "import json, sys, pathlib\n"
+        "argv = sys.argv[1:]\n"
+        f"open({str(calls)!r}, 'a').write(json.dumps(argv) + '\\n')\n"
+        "d = pathlib.Path(argv[argv.index('--run-dir') + 1])\n"
+        f"outcome = {outcome!r}[d.name]\n"
+        "print('fake run', d.name)\n"
+        "if outcome == 'fail': sys.exit(3)\n"
+        "d.mkdir(parents=True, exist_ok=True)\n"
+        "(d / 'summary.json').write_text(json.dumps({'completed': True}))\n"
+    )
+    real = st.local_command
+
+    def fake(study, run, out, cwd=None):
+        return [sys.executable, "-c", code, *real(study, run, out, cwd)[1:]]
+
+    monkeypatch.setattr(st, "local_command", fake)
+    return calls
+
+
+def test_failures_do_not_stop_the_others_and_partial_runs_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    path = write_study(tmp_path, axes={"optimizer": ["adam", "sgd", "adamw", "lbfgs"]})
+    (out / "sgd").mkdir(parents=True)
+    (out / "sgd" / "config.yaml").write_text("problem: {}\n")  # a run stopped half-way
+    (out / "adamw").mkdir()
+    (out / "adamw" / "stray.txt").write_text("x")  # a start that died before config.yaml
+    (out / "lbfgs").mkdir()
+    (out / "lbfgs" / "summary.json").write_text(json.dumps({"completed": True}))
+    calls = _fake_launcher(tmp_path, monkeypatch, {"adam": "fail", "sgd": "ok", "adamw": "ok"})
+    assert main(["study", str(path), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    argvs = {Path(a[a.index("--run-dir") + 1]).name: a for a in map(json.loads, calls.open())}
+    assert set(argvs) == {"adam", "sgd", "adamw"}  # lbfgs was complete: skipped
+    assert "--resume" not in argvs["adam"] and "--force" not in argvs["adam"]
+    assert argvs["sgd"][-2:] == ["--resume", "auto"]
+    assert argvs["adamw"][-1] == "--force"
+    assert "adam: FAILED (exit 3)" in text and "fake run adam" in text
+    assert "lbfgs: done already, skipped" in text and "failed: adam" in text
+    assert "fake run adam" in (out / "adam.log").read_text()
+
+
+def test_a_tiny_study_runs_here_and_a_rerun_skips_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the launcher's default oversubscribes a busy box
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "out"
+    path = write_study(tmp_path, kind="strong", axes={"ranks": [1]}, target=0.5)
+    assert main(["study", str(path), "--out", str(out)]) == 0, (out / "r1.log").read_text()
+    summary = json.loads((out / "r1" / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 2 and summary["world_size"] == 1
+    ds = json.loads((out / "r1" / "ds_config.json").read_text())
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (4, 2)
+    assert json.loads((out / "study.json").read_text())["target"] == 0.5
+    log = (out / "r1.log").read_text()
+    assert "launch/local 1" in log and "step 2/2" in log
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    assert "r1: done already, skipped" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < 10
+    assert (out / "r1.log").read_text() == log
