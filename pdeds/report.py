@@ -10,8 +10,10 @@ Per run (all medians over the logged steps at the run's finest resolution, the f
 step left out when there are others, as it carries start-up costs):
 
 - ``samples_per_s`` = global batch / step time; ``step_time_s`` = wall time of one optimizer step.
-- ``time_to_target_s`` / ``samples_to_target``: training time (``train_s``, evaluation excluded)
-  and samples seen at the first evaluation with held-out mean rel-L2 <= target (METHOD.md sec. 5).
+- ``time_to_target_s`` / ``samples_to_target`` / ``evaluated_to_target``: training time
+  (``train_s``, evaluation excluded), samples drawn and sample forward/backward passes
+  (``samples_evaluated``: L-BFGS line searches count) at the first evaluation with held-out
+  mean rel-L2 <= target (METHOD.md sec. 5).
 
 Parallel efficiency within a scaling group (same study, ZeRO stage, offload, resolution,
 optimizer, cycle; strong: same global batch; weak: same micro-batch), relative to the group's
@@ -63,9 +65,11 @@ COLUMNS = (
     "steps",
     "train_s",
     "samples",
+    "samples_evaluated",
     "target",
     "time_to_target_s",
     "samples_to_target",
+    "evaluated_to_target",
     "scaling_group",
     "efficiency",
     "completed",
@@ -261,16 +265,18 @@ def throughput(steps: list[dict[str, Any]]) -> tuple[float | None, float | None]
     return _median([r.get("samples_per_s") for r in rows]), _median(times)
 
 
-def to_target(run: RunData, target: float | None) -> tuple[float | None, int | None]:
-    """(training seconds, samples) at the first evaluation with val rel-L2 <= target."""
+def to_target(run: RunData, target: float | None) -> dict[str, Any]:
+    """Training seconds, samples drawn and samples evaluated (forward/backward passes, with
+    L-BFGS line-search evaluations) at the first evaluation with val rel-L2 <= target."""
+    keys = ("train_s", "samples", "samples_evaluated")
     if target is None:
-        return None, None
+        return dict.fromkeys(keys)
     by_step = {r["step"]: r for r in run.steps}
     for e in run.evals:
         if e["val_rel_l2_mean"] <= target:
             s = by_step.get(e["step"], {})
-            return e.get("train_s", s.get("train_s")), e.get("samples", s.get("samples"))
-    return None, None
+            return {k: e.get(k, s.get(k)) for k in keys}
+    return dict.fromkeys(keys)
 
 
 def _get(tree: dict[str, Any], *keys: str) -> Any:
@@ -320,7 +326,7 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
     """The CSV row of one run (empty strings where the data is absent)."""
     sps, step_t = throughput(run.steps)
     target = target if target is not None else run.study.get("target")
-    t_target, n_target = to_target(run, target)
+    at = to_target(run, target)
     first = run.steps[0] if run.steps else {}
     last_step = run.steps[-1] if run.steps else {}
     final = run.evals[-1]["val_rel_l2_mean"] if run.evals else run.summary.get("val_rel_l2_mean")
@@ -350,9 +356,11 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
         "steps": run.summary.get("steps", last_step.get("step")),
         "train_s": run.summary.get("train_time_s", last_step.get("train_s")),
         "samples": run.summary.get("samples_seen", last_step.get("samples")),
+        "samples_evaluated": last_step.get("samples_evaluated"),
         "target": target,
-        "time_to_target_s": t_target,
-        "samples_to_target": n_target,
+        "time_to_target_s": at["train_s"],
+        "samples_to_target": at["samples"],
+        "evaluated_to_target": at["samples_evaluated"],
         "scaling_group": "",
         "efficiency": None,
         "completed": run.summary.get("completed"),
@@ -407,7 +415,8 @@ def efficiency(rows: list[dict[str, Any]]) -> None:
                 continue
             base = min(series, key=lambda r: r["ranks"])
             n0, t0 = base["ranks"], base["step_time_s"]
-            label = f"{key[0]} z{key[1]} {key[2]} res{key[3]} {key[4]} {key[5]} batch {batch}"
+            size = f"G {batch}" if kind == "strong" else f"m {batch[0]} x a {batch[1]}"
+            label = f"{key[0]} z{key[1]} {key[2]} res{key[3]} {key[4]} {key[5]} {size}"
             for r in series:
                 n, t = r["ranks"], r["step_time_s"]
                 r["kind"] = r["kind"] or kind
@@ -609,12 +618,20 @@ def plot_scaling(rows: list[dict[str, Any]], kind: str, path: Path) -> bool:
 
 
 def plot_time_to_target(rows: list[dict[str, Any]], by: str, path: Path) -> str | None:
-    """Bars of time and samples to the target per ``by`` value; None if drawn, else why not."""
+    """Bars of time and samples to the target per ``by`` value; None if drawn, else why not.
+
+    Runs of studies (or folders) that vary ``by`` are shown; the others only when no study does.
+    """
     cand = [r for r in rows if r[by] is not None and r["target"] is not None and r["evals_n"]]
     if not cand:
         return f"time to target per {by}: no run with a target and held-out evaluations"
     if len({r[by] for r in cand}) < 2:
         return f"time to target per {by}: the runs do not vary the {by}"
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for r in cand:
+        studies.setdefault(r["study"] or str(Path(r["path"]).parent), []).append(r)
+    varied = [r for rs in studies.values() if len({x[by] for x in rs}) > 1 for r in rs]
+    cand = varied or cand  # the studies that compare this axis, when they can be told apart
     if not any(r["time_to_target_s"] is not None for r in cand):
         return f"time to target per {by}: no run reached its target"
     cand = sorted(cand, key=lambda r: (str(r[by]), r["run"]))
@@ -652,11 +669,12 @@ def plot_val_curves(runs: list[RunData], path: Path) -> bool:
     if not drawn:
         return False
     fig, (ax,) = _figure(1)
-    for r in drawn:
+    for i, r in enumerate(drawn):
         pts = [
             (e["train_s"], e["val_rel_l2_mean"]) for e in r.evals if e.get("train_s") is not None
         ]
-        ax.plot(*zip(*pts), "o-", ms=3, label=r.name)
+        style = ("-", "--", ":")[i // 10 % 3]  # ten colours, then the next line style
+        ax.plot(*zip(*pts), marker="o", ms=3, ls=style, label=r.name)
     targets = sorted({r.row["target"] for r in drawn if r.row["target"] is not None})
     for t in targets:
         ax.axhline(t, color="grey", ls="--", lw=1)

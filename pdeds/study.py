@@ -563,10 +563,13 @@ def script_text(study: Study, run: Run, out: Path) -> str:
             '[ -f launch/multinode ] || { echo "run this from the pdeds project root" >&2; '
             "exit 2; }\n"
             f'hostfile="${{HOSTFILE:-{hostfile}}}"\n'
-            "nodes=$(grep -cv -e '^[[:space:]]*#' -e '^[[:space:]]*$' \"$hostfile\")\n"
-            f'if [ "$nodes" -ne {run.nodes} ]; then\n'
-            f'    echo "$hostfile lists $nodes node(s); run {run.name} needs {run.nodes} '
-            f'with slots={rpn}" >&2\n    exit 2\nfi\n'
+            "hosts() { awk '!/^[[:space:]]*#/ && NF' \"$hostfile\"; }\n"
+            "nodes=$(hosts | wc -l)\n"
+            "slots=$(hosts | awk '{for (i = 2; i <= NF; i++) if ($i == \"slots="
+            f"{rpn}\") n++}} END {{print n + 0}}')\n"
+            f'if [ "$nodes" -ne {run.nodes} ] || [ "$slots" -ne {run.nodes} ]; then\n'
+            f'    echo "$hostfile lists $nodes node(s), $slots with slots={rpn}; run {run.name} '
+            f'needs {run.nodes} nodes with slots={rpn}" >&2\n    exit 2\nfi\n'
             f'exec launch/multinode "$hostfile" {_train_args(study, run, out)}\n'
         )
     gpu = c.launcher == "slurm_gpu"

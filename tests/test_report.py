@@ -52,6 +52,7 @@ def make_run(
                 "micro_batch": micro,
                 "train_s": clock,
                 "samples": i * batch,
+                "samples_evaluated": 3 * i * batch,
                 "time_step_s": t,
                 "peak_memory_mb": peak - 10 + i,
             }
@@ -138,7 +139,8 @@ def test_csv_numbers_equal_the_inputs(tmp_path):
     assert float(row["peak_memory_mb"]) == 812.5
     assert float(row["final_val_rel_l2"]) == 0.04
     assert float(row["time_to_target_s"]) == pytest.approx(sum(times))  # reached at step 5
-    assert row["samples_to_target"] == "40"
+    assert row["samples_to_target"] == "40" and row["evaluated_to_target"] == "120"
+    assert row["samples_evaluated"] == "120"
     assert row["tb_agrees"] == "True" and int(row["tb_scalars"]) >= 10
     assert row["missing"] == "" and row["completed"] == "True"
     md = (out / "report.md").read_text()

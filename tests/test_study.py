@@ -227,8 +227,21 @@ def test_hostfile_and_gpu_scripts(tmp_path, launcher):
     st.write_scripts(study, runs, out, lambda s: None)
     if launcher == "hostfile":
         script = (out / "r4.sh").read_text()
-        assert '"$nodes" -ne 2' in script and "slots=2" in script
         assert _exec_line(script)[:3] == ["exec", "launch/multinode", "$hostfile"]
+        dry = tmp_path / "dry.sh"
+        dry.write_text(script.replace("exec launch/multinode", "echo would run"))
+        for hosts, ok in (
+            ("a slots=2\nb slots=2 \n# c\n\n", True),
+            ("a slots=2\nb slots=4\n", False),
+            ("a slots=2\n", False),
+        ):
+            (tmp_path / "hosts").write_text(hosts)
+            env = {"HOSTFILE": str(tmp_path / "hosts"), "PATH": "/usr/bin:/bin"}
+            done = subprocess.run(
+                ["bash", str(dry)], cwd=st.PROJECT_ROOT, env=env, capture_output=True, text=True
+            )
+            assert (done.returncode == 0) == ok, done.stderr
+            assert ("would run" in done.stdout) == ok
     else:
         script = (out / "r4.sbatch").read_text()
         assert "#SBATCH --gpus-per-node=2\n" in script and "#SBATCH --nodes=2\n" in script
