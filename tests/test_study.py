@@ -18,6 +18,7 @@ from pdeds import study as st
 from pdeds.cli import main
 from pdeds.config import batch_sizes, resolve
 from pdeds.errors import PdedsError
+from pdeds.study import runner
 
 MACHINE = {"cores": 2, "gpus": 0, "memory_gib": 8.0}
 
@@ -286,7 +287,7 @@ def _fake_launcher(tmp_path: Path, monkeypatch, outcome: dict[str, str]) -> Path
     def fake(study, run, out, cwd=None):
         return [sys.executable, "-c", code, *real(study, run, out, cwd)[1:]]
 
-    monkeypatch.setattr(st, "local_command", fake)
+    monkeypatch.setattr(runner, "local_command", fake)  # the name execute() calls
     return calls
 
 
