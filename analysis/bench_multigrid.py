@@ -9,10 +9,12 @@ budget; for every run the script reports the training wall time (evaluation excl
 samples to first reach the target, its final error and the speed-up vs the baseline, as a
 markdown table, a JSON file and a plot of error vs wall time (all cycles).
 
-Each run is a real ``pdeds train`` subprocess (one process, all cores) on
-launch/configs/quickstart.yaml with ``--set`` overrides; multigrid runs get the same
-number of optimizer steps as the baseline, shared over the visits with
-``schedule.coarse_factor`` (coarser levels get k x more steps), repeated ``--cycles`` times.
+Each run is a real ``pdeds train`` subprocess (one process, ``--threads`` threads) on
+launch/configs/quickstart.yaml with ``--set`` overrides; a multigrid run gets ``--mg-steps``
+optimizer steps (default: the baseline's), shared over the visits with
+``schedule.coarse_factor`` (coarser levels get k x more steps), the cycle repeated ``--repeat``
+times. Steps at coarse levels are ~2^d x cheaper, so give cycles more steps than the baseline
+to compare at similar wall time.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ def main() -> None:
     )
     ap.add_argument("--levels", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--cycles", nargs="+", default=list(CYCLES[1:]), choices=CYCLES[1:])
-    ap.add_argument("--budget-steps", type=int, default=300, help="optimizer steps of every run")
+    ap.add_argument("--budget-steps", type=int, default=300, help="optimizer steps of the baseline")
+    ap.add_argument(
+        "--mg-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of each cycle run (default: baseline's)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="cycles back to back (schedule.cycles)")
     ap.add_argument("--coarse-factor", type=float, default=2.0)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -87,7 +95,8 @@ def main() -> None:
     runs = {"single": run("single", args.out, common, args.threads)}
     res = "[" + ", ".join(str(n) for n in args.levels) + "]"
     for cyc in args.cycles:
-        ov = common + [
+        ov = [o for o in common if not o.startswith("train.steps=")] + [
+            f"train.steps={args.mg_steps or args.budget_steps}",
             f"schedule.cycle={cyc}",
             f"schedule.levels={len(args.levels)}",
             f"schedule.resolutions={res}",
