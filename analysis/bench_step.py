@@ -38,14 +38,21 @@ Columns (ms per global step):
   trainer's all-reduce of the step loss. On 1 rank the collectives are trivial and this is their
   local copy work.
 - optimizer: wall time of ``engine.step()`` minus ``optimizer_allgather``: the Adam update, ZeRO
-  bookkeeping, the gradient-norm all-reduce of ZeRO 1-3 (one scalar), zeroing gradients.
+  bookkeeping, zeroing gradients, and any gradient-norm all-reduce DeepSpeed does there (one
+  scalar).
 - step: wall time of the whole step; samples/s = global batch / step. The columns need not add
   up to it exactly (medians; loop overhead); the JSON rows also hold the unattributed rest.
+- energy %: energy / step in wall time (the issue's target: <= 10%). energy % cpu: the same
+  ratio in process CPU time (``time.process_time``), which waiting for a busy core does not
+  inflate; it does count spinning OpenMP and gloo threads, so it is a cross-check, not a truth.
+- load: the 1-minute load average when the case started. Other processes on the cores stretch
+  every column, multi-threaded small ops (the energy's) the most.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -145,48 +152,61 @@ def nu_source(data: Any, mode: str) -> Any:
     return generate
 
 
-def arrival_hook(times: list[float]) -> Any:
-    """A tensor hook that appends the time at which the gradient reaches the tensor."""
+def now() -> tuple[float, float]:
+    """(wall clock, CPU time of this process's threads), seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def arrival_hook(times: list[tuple[float, float]]) -> Any:
+    """A tensor hook that appends ``now()`` when the gradient reaches the tensor."""
 
     def hook(grad: Any) -> None:
-        times.append(time.perf_counter())
+        times.append(now())
 
     return hook
 
 
 def timed_step(engine: Any, micro: list, nu_of: Any, res: int, cfg: Any, log: Any) -> dict:
-    """One optimizer step (``standard_step`` with timers); returns its phases in ms."""
+    """One optimizer step (``standard_step`` with timers); returns its phases in ms.
+
+    ``energy_cpu`` and ``step_cpu`` are the same intervals in process CPU time: unlike wall
+    time they do not grow while the rank waits for a core another process holds (they do count
+    spinning OpenMP and gloo threads).
+    """
     import torch
 
     from pdeds.optim import global_mean
 
     t = dict.fromkeys(("data", "forward", "energy_fwd", "energy_bwd", "step_call"), 0.0)
+    energy_cpu = 0.0
     total = torch.zeros((), dtype=torch.float64)
     log.take()
-    start = time.perf_counter()
+    start = now()
     for idx in micro:
         t0 = time.perf_counter()
         nu = nu_of(idx, res)
         t1 = time.perf_counter()
         u = engine(nu)
-        t2 = time.perf_counter()
+        t2 = now()
         loss = micro_loss(u, nu, cfg)
-        t3 = time.perf_counter()
-        reached: list[float] = []
+        t3 = now()
+        reached: list[tuple[float, float]] = []
         u.register_hook(arrival_hook(reached))
         engine.backward(loss)
-        t4 = time.perf_counter()
+        t4 = now()
         engine.step()
         t5 = time.perf_counter()
         total += loss.detach().double().cpu()
+        t_u = reached[0] if reached else t4
         t["data"] += t1 - t0
-        t["forward"] += t2 - t1
-        t["energy_fwd"] += t3 - t2
-        t["energy_bwd"] += (reached[0] if reached else t4) - t3
-        t["step_call"] += t5 - t4
+        t["forward"] += t2[0] - t1
+        t["energy_fwd"] += t3[0] - t2[0]
+        t["energy_bwd"] += t_u[0] - t3[0]
+        t["step_call"] += t5 - t4[0]
+        energy_cpu += t_u[1] - t3[1] + t3[1] - t2[1]
     t_loss = time.perf_counter()
     global_mean(total, len(micro))
-    end = time.perf_counter()
+    end = now()
     ms = {k: 1e3 * v for k, v in t.items()}
     ds = log.take()
     allgather = ds.get("optimizer_allgather", 0.0)
@@ -197,9 +217,11 @@ def timed_step(engine: Any, micro: list, nu_of: Any, res: int, cfg: Any, log: An
         "energy_fwd": ms["energy_fwd"],
         "energy_bwd": ms["energy_bwd"],
         "backward": ds.get("bwd_inner", 0.0),
-        "comm": ds.get("bwd_allreduce", 0.0) + allgather + 1e3 * (end - t_loss),
+        "comm": ds.get("bwd_allreduce", 0.0) + allgather + 1e3 * (end[0] - t_loss),
         "optimizer": ms["step_call"] - allgather,
-        "step": 1e3 * (end - start),
+        "step": 1e3 * (end[0] - start[0]),
+        "energy_cpu": 1e3 * energy_cpu,
+        "step_cpu": 1e3 * (end[1] - start[1]),
         "ds_timers": ds,
     }
     row["rest"] = row["step"] - sum(row[c] for c in COLUMNS)
@@ -229,7 +251,8 @@ def bench_rank(case: dict) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.problem.dim, cfg.model).to(dev)
     n_params = count_parameters(model)
-    engine, _ = build_engine(model, cfg, resolved.ds)
+    with contextlib.redirect_stdout(sys.stderr):  # ZeRO 3 prints an init timer to stdout
+        engine, _ = build_engine(model, cfg, resolved.ds)
     if needs_engine_step(engine):
         raise PdedsError(
             f"optim.name {cfg.optim.name!r} steps through its own line search; "
@@ -304,6 +327,7 @@ def run_case(res: int, ranks: int, zero: int, args: argparse.Namespace) -> dict:
     }
     row["samples_per_s"] = row["batch"] / (row["step"] / 1e3)
     row["energy_share"] = row["energy"] / row["step"]
+    row["energy_share_cpu"] = row["energy_cpu"] / row["step_cpu"]
     return row
 
 
@@ -312,7 +336,7 @@ def format_table(rows: list[dict]) -> str:
     head = (
         "| res | ranks | zero | thr/rank | samples/s | step ms | "
         + " | ".join(f"{c} ms" for c in COLUMNS)
-        + " | energy % |"
+        + " | energy % | energy % cpu | load |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -320,20 +344,21 @@ def format_table(rows: list[dict]) -> str:
         cells += [f"{r['samples_per_s']:.2f}", f"{r['step']:.0f}"]
         cells += [f"{r[c]:.1f}" for c in COLUMNS]
         cells.append(f"{100 * r['energy_share']:.1f}")
+        cells.append(f"{100 * r['energy_share_cpu']:.1f}")
+        cells.append(f"{r['load_before']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def verdict(rows: list[dict]) -> str:
-    """Whether the energy stays within the issue's share of a step, per row."""
+    """Whether the energy stays within the issue's share of a step (wall time), per row."""
     worst = max(rows, key=lambda r: r["energy_share"])
-    share = 100 * worst["energy_share"]
     held = sum(r["energy_share"] <= TARGET_ENERGY_SHARE for r in rows)
-    status = "holds" if held == len(rows) else "FAILS"
+    status = "met" if held == len(rows) else "MISSED"
     return (
-        f"energy <= {100 * TARGET_ENERGY_SHARE:.0f}% of a step: {status} in {held}/{len(rows)} "
-        f"cases (largest share {share:.1f}% at {worst['res']}^3, {worst['ranks']} rank(s), "
-        f"ZeRO {worst['zero']})"
+        f"target energy <= {100 * TARGET_ENERGY_SHARE:.0f}% of a step {status}: it holds in "
+        f"{held}/{len(rows)} cases; largest share {100 * worst['energy_share']:.1f}% at "
+        f"{worst['res']}^3, {worst['ranks']} rank(s), ZeRO {worst['zero']}"
     )
 
 
