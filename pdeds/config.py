@@ -84,14 +84,20 @@ class DataConfig:
     """Draw with a scrambled Sobol sequence instead of pseudo-random numbers."""
     path: str | None = None
     """A pdeds HDF5 data file whose ``/coeffs`` replace the training draw."""
+    val_path: str | None = None
+    """A pdeds data file with reference solutions (``pdeds data --reference`` / ``pdeds solve``)
+    at the evaluation resolution: its coefficients and ``u_ref`` are the held-out set, so no
+    reference is solved at start-up (needed where AMG cannot run, e.g. 512^3)."""
 
     def validate(self) -> None:
         if self.train_samples < 1:
             raise PdedsError(f"data.train_samples: must be >= 1, got {self.train_samples}")
         if self.val_samples < 1:
             raise PdedsError(f"data.val_samples: must be >= 1, got {self.val_samples}")
-        if self.path is not None and not Path(self.path).is_file():
-            raise PdedsError(f"data.path: no file at {self.path}; create it with `pdeds data`")
+        for key in ("path", "val_path"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise PdedsError(f"data.{key}: no file at {value}; create it with `pdeds data`")
 
 
 @dataclass
@@ -108,6 +114,8 @@ class TrainConfig:
     """A metrics.jsonl row every k steps."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    eval_res: int | None = None
+    """Resolution of the held-out evaluation (default problem.res, the finest level)."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (oldest removed first); 0 = keep all."""
     lr_schedule: str = "constant"
@@ -183,7 +191,8 @@ class ExperimentConfig:
         from pdeds.models.unet import allowed_resolutions
 
         depth = self.model.depth
-        for res in self.schedule.resolutions_for(self.problem.res):
+        levels = self.schedule.resolutions_for(self.problem.res)
+        for res in levels + ([self.train.eval_res] if self.train.eval_res else []):
             if res not in allowed_resolutions(depth, res):
                 raise PdedsError(
                     f"resolution {res} (problem.res / schedule.resolutions) cannot pass the "

@@ -48,6 +48,14 @@ def test_offload_and_bf16_configs_train_on_two_ranks(one_rank, tmp_path):
     names = ["zero2_offload", "zero3_offload", "zero3_param_offload"]
     names += ["zero0_bf16", "zero2_bf16", "zero3_bf16"]
     cases = [(n, [f"deepspeed.config=ds_configs/{n}.json"]) for n in names]
+    # the 512^3 recipe's config, with the tiny run's global batch
+    names.append("zero2_bf16_mb1")
+    cases.append(
+        (
+            "zero2_bf16_mb1",
+            ["deepspeed.config=ds_configs/zero2_bf16_mb1.json", "ds.train_batch_size=4"],
+        )
+    )
     out = run_ranks(train_cases, 2, str(tmp_path), cases, timeout=500)[0]
     ref = one_rank["losses"]
     for name in names:

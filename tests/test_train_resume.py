@@ -110,3 +110,22 @@ def test_run_dir_guard_resume_and_force(tmp_path):
     assert r.returncode == 0, r.stderr
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == before
+
+
+def test_held_out_set_from_a_data_file(tmp_path):
+    from pdeds.cli import main
+
+    held = tmp_path / "held.h5"
+    seed = 1_000_003  # data.val_seed: the same vectors the trainer would draw
+    args = ["data", "--out", str(held), "--samples", "2", "--seed", str(seed), "--res", "16"]
+    assert main([*args, "--reference"]) == 0
+    cases = [("drawn", []), ("file", [f"data.val_path={held}"])]
+    out = run_ranks(train_cases, 1, str(tmp_path), cases, timeout=240)[0]
+    a, b = out["drawn"]["summary"], out["file"]["summary"]
+    assert b["val_rel_l2_mean"] == pytest.approx(a["val_rel_l2_mean"], rel=1e-9)
+    assert not (tmp_path / "file" / "cache").exists()
+    r = pdeds(
+        "train", str(write_tiny(tmp_path / "c.yaml")), "--run-dir", str(tmp_path / "bad"),
+        "--set", f"data.val_path={held}", "--set", "train.eval_res=24",
+    )  # fmt: skip
+    assert r.returncode == 2 and "resolution" in r.stderr and "16" in r.stderr

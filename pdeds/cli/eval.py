@@ -23,7 +23,12 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", help="run directory written by pdeds train")
-    p.add_argument("--res", type=int, default=None, help="resolution (default problem.res)")
+    p.add_argument(
+        "--res",
+        type=int,
+        default=None,
+        help="resolution (default train.eval_res, else problem.res)",
+    )
     p.add_argument(
         "--samples", type=int, default=None, help="held-out samples (default data.val_samples)"
     )
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     trained = load_run(run_dir)
     cfg = trained.cfg
-    res = args.res or cfg.problem.res
+    res = args.res or cfg.train.eval_res or cfg.problem.res
     trained.model.check_resolution(res)
     ho = load_held_out(cfg, res, run_dir / "cache", args.samples)
     scores = evaluate(trained.predict, ho, cfg.problem.f, args.batch, trained.device)

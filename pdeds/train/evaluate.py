@@ -61,6 +61,8 @@ def load_held_out(
 ) -> HeldOut:
     """The held-out set at ``res``; rank 0 solves (or reads the cache), the others wait and read."""
     p = cfg.problem
+    if cfg.data.val_path is not None:
+        return _held_out_from_file(cfg, res, samples)
     coeffs = held_out_coeffs(cfg, samples)
     key = _cache_key(cfg, res, len(coeffs))
     path = cache_dir / f"heldout_{key}.h5" if cache_dir is not None else None
@@ -82,6 +84,34 @@ def load_held_out(
             per = float(h.attrs["solve_s"])
     nu = kl.diffusivity(torch.from_numpy(coeffs), res, dim=p.dim, eta=p.eta, family=p.family)
     return HeldOut(coeffs=coeffs, res=res, nu=nu, u_ref=u, solve_s=per)
+
+
+def _held_out_from_file(cfg: ExperimentConfig, res: int, samples: int | None) -> HeldOut:
+    """The held-out set of ``data.val_path``: its coefficients and reference solutions."""
+    from pdeds.data.hdf5 import read_coefficients, read_fields
+    from pdeds.errors import PdedsError
+
+    p = cfg.problem
+    coeffs, meta = read_coefficients(cfg.data.val_path)
+    for key in ("dim", "eta", "family", "modes"):
+        if key in meta and meta[key] != getattr(p, key):
+            raise PdedsError(
+                f"data.val_path {cfg.data.val_path} has {key}={meta[key]} but problem.{key} is "
+                f"{getattr(p, key)}; use a held-out file of the same problem"
+            )
+    k = min(samples or cfg.data.val_samples, len(coeffs))
+    fields = read_fields(cfg.data.val_path, res, samples=slice(0, k))
+    if "u_ref" not in fields:
+        raise PdedsError(
+            f"data.val_path {cfg.data.val_path} has no reference solutions at {res} nodes; "
+            f"add them with `pdeds solve --coeffs {cfg.data.val_path} --res {res} --out ...`"
+        )
+    coeffs = coeffs[:k]
+    nu = kl.diffusivity(torch.from_numpy(coeffs), res, dim=p.dim, eta=p.eta, family=p.family)
+    per = float(np.mean(fields["assembly_s"] + fields["setup_s"] + fields["solve_s"]))
+    return HeldOut(
+        coeffs=coeffs, res=res, nu=nu, u_ref=torch.from_numpy(fields["u_ref"]), solve_s=per
+    )
 
 
 def predict_all(predict: Predictor, nu: torch.Tensor, batch: int, device: torch.device):

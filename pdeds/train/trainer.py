@@ -122,7 +122,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
     )
     data = TrainingSet(coeffs, cfg.problem.dim, cfg.problem.eta, cfg.problem.family, dev)
     stream = SampleStream(len(coeffs), cfg.data.seed)
-    held_out = load_held_out(cfg, cfg.problem.res, run_dir / "cache")
+    held_out = load_held_out(cfg, cfg.train.eval_res or cfg.problem.res, run_dir / "cache")
 
     def on_switch(v: Visit) -> None:
         mon.say(
