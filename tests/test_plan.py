@@ -311,7 +311,7 @@ def test_calibration_is_cached_and_sane(small_calibration, monkeypatch):
     def no_subprocess(*args, **kwargs):
         raise AssertionError("the cached calibration was measured again")
 
-    monkeypatch.setattr(plan, "_run_subprocess", no_subprocess)
+    monkeypatch.setattr(plan.calibration, "run_subprocess", no_subprocess)
     again = plan.calibrate(3, resolve(SMALL).cfg.model, variants=CHECKED, cache_dir=cache)
     assert again == cal
 
