@@ -188,6 +188,14 @@ class ExperimentConfig:
             sub = getattr(self, f.name)
             if hasattr(sub, "validate"):
                 sub.validate()
+        if self.optim.name == "lbfgs" and (
+            self.train.lr_schedule != "constant" or self.train.warmup_steps
+        ):
+            raise PdedsError(
+                "train.lr_schedule / train.warmup_steps: L-BFGS picks its step by line search and "
+                "optim.lr is its first trial step; a schedule would shrink it towards 0. Set "
+                "train.lr_schedule: constant and train.warmup_steps: 0 for optim.name: lbfgs"
+            )
         from pdeds.models.unet import allowed_resolutions
 
         depth = self.model.depth

@@ -55,6 +55,7 @@ def test_unknown_key_lists_valid_ones():
         (["schedule.cycle=zigzag"], "schedule.cycle"),
         (["optim.name=rmsprop"], "optim.name"),
         (["novalue"], "KEY=VALUE"),
+        (["optim.name=lbfgs", "train.lr_schedule=cosine"], "L-BFGS picks its step"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):
