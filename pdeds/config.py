@@ -403,6 +403,9 @@ def resolve(
     for parts, value in ds_overrides:
         _set_path(ds, parts, value)
     cfg.validate()
+    from pdeds.optim import prepare_ds_config
+
+    prepare_ds_config(cfg.optim, ds)  # optimizer vs ZeRO stage / offload / precision, up front
     return Resolved(cfg=cfg, ds=ds, ds_path=ds_path)
 
 

@@ -56,6 +56,7 @@ def test_unknown_key_lists_valid_ones():
         (["optim.name=rmsprop"], "optim.name"),
         (["novalue"], "KEY=VALUE"),
         (["optim.name=lbfgs", "train.lr_schedule=cosine"], "L-BFGS picks its step"),
+        (["optim.name=kfac", "ds.zero_optimization.stage=2"], "does not run under ZeRO stage 2"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):

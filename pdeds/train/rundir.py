@@ -26,8 +26,8 @@ def _decide(run_dir: Path, config_text: str, resume: str | None, force: bool) ->
         return None
     if not run_dir.is_dir():
         return f"--run-dir {run_dir} is a file; pass a directory"
-    if not any(run_dir.iterdir()):
-        return None
+    if not any(p.is_file() for p in run_dir.rglob("*")):
+        return None  # empty, or only the folders a run that failed at start-up created
     old = run_dir / "config.yaml"
     if resume is not None:
         if not old.is_file():
