@@ -119,18 +119,10 @@ def case_overrides(res: int, zero: int, args: argparse.Namespace) -> list[str]:
 
 
 def micro_loss(u: Any, nu: Any, cfg: Any) -> Any:
-    """The trainer's micro-batch loss: mean_b J_h(U_b) (optionally / J_h(lifting_b))."""
-    import torch
+    """The trainer's micro-batch loss (pdeds.train.loss)."""
+    from pdeds.train.loss import micro_batch_loss
 
-    from pdeds.physics import fem
-
-    j = fem.energy(u.float(), nu, cfg.problem.f)
-    if cfg.train.loss_weighting == "lifting":
-        with torch.no_grad():
-            lift = fem.apply_dirichlet(torch.zeros_like(nu))
-            scale = fem.energy(lift, nu, cfg.problem.f).abs()
-        j = j / scale
-    return j.mean()
+    return micro_batch_loss(u, nu, cfg.problem.f, cfg.train.loss_weighting)
 
 
 def nu_source(data: Any, mode: str) -> Any:

@@ -275,6 +275,24 @@ def build_file(
 # ----------------------------------------------------------------------------- command
 
 
+def draw_coefficients(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Coefficients drawn from --seed (and --samples, --modes, --sobol) with their metadata."""
+    from pdeds.physics.kl import sample_coefficients
+
+    coeffs = sample_coefficients(args.samples, args.modes, args.seed, sobol=args.sobol)
+    meta = dict(
+        dim=args.dim,
+        modes=args.modes,
+        eta=args.eta,
+        family=args.family,
+        seed=args.seed,
+        sobol=bool(args.sobol),
+        samples=args.samples,
+        f=0.0 if args.f is None else args.f,
+    )
+    return coeffs, meta
+
+
 def run(args: argparse.Namespace) -> int:
     """``pdeds data``: inspect a file, or sample coefficients and build one."""
     if args.inspect is not None:
@@ -289,19 +307,7 @@ def run(args: argparse.Namespace) -> int:
         raise PdedsError("--reference needs at least one --res N; e.g. --res 33 --reference")
     if args.xdmf and not args.res:
         raise PdedsError("--xdmf needs fields to show; add --res N")
-    from pdeds.physics.kl import sample_coefficients
-
-    coeffs = sample_coefficients(args.samples, args.modes, args.seed, sobol=args.sobol)
-    meta = dict(
-        dim=args.dim,
-        modes=args.modes,
-        eta=args.eta,
-        family=args.family,
-        seed=args.seed,
-        sobol=bool(args.sobol),
-        samples=args.samples,
-        f=0.0 if args.f is None else args.f,
-    )
+    coeffs, meta = draw_coefficients(args)
     written = build_file(
         args.out,
         coeffs,

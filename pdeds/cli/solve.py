@@ -97,24 +97,11 @@ def _from_file(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def _from_seed(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from pdeds.physics.kl import sample_coefficients
-
     for key, value in data_cmd.DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     data_cmd.check_problem(args)
-    coeffs = sample_coefficients(args.samples, args.modes, args.seed, sobol=args.sobol)
-    meta = dict(
-        dim=args.dim,
-        modes=args.modes,
-        eta=args.eta,
-        family=args.family,
-        seed=args.seed,
-        sobol=bool(args.sobol),
-        samples=args.samples,
-        f=0.0 if args.f is None else args.f,
-    )
-    return coeffs, meta
+    return data_cmd.draw_coefficients(args)
 
 
 def format_table(rows: list[tuple[int, Any, dict[str, float]]]) -> str:

@@ -29,12 +29,12 @@ from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
 from pdeds.multigrid import Visit, plan, visit_at
 from pdeds.optim import client_optimizer, engine_step
-from pdeds.physics import fem
 from pdeds.train import checkpoint, rundir
 from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
 from pdeds.train.engine import build_engine, device, init_distributed
 from pdeds.train.evaluate import evaluate, load_held_out
 from pdeds.train.hook import LevelHook
+from pdeds.train.loss import micro_batch_loss
 from pdeds.train.monitor import Monitor, peak_memory_mb
 
 
@@ -147,13 +147,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
         t1 = time.perf_counter()
         u = engine(nu)
         t2 = time.perf_counter()
-        j = fem.energy(u.float(), nu, cfg.problem.f)
-        if cfg.train.loss_weighting == "lifting":
-            with torch.no_grad():
-                lift = fem.apply_dirichlet(torch.zeros_like(nu))
-                scale = fem.energy(lift, nu, cfg.problem.f).abs()
-            j = j / scale
-        loss = j.mean()
+        loss = micro_batch_loss(u, nu, cfg.problem.f, cfg.train.loss_weighting)
         t3 = time.perf_counter()
         for k, dt in (("data", t1 - t0), ("forward", t2 - t1), ("energy", t3 - t2)):
             timers[k] = timers.get(k, 0.0) + dt
