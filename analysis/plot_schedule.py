@@ -18,20 +18,9 @@ from pathlib import Path
 
 def plan_rows(config: str, overrides: list[str], world: int) -> list[tuple[int, int, int]]:
     """(step, level, res) at the start of every visit and at the end of the last one."""
-    from pdeds.config import batch_sizes, resolve
-    from pdeds.multigrid import plan
+    from pdeds.config import resolve, visits_for
 
-    r = resolve(config, overrides)
-    g, mb, _ = batch_sizes(r.ds, world)
-    visits = plan(
-        r.cfg.schedule,
-        finest_res=r.cfg.problem.res,
-        total_steps=r.cfg.train.steps,
-        samples=r.cfg.data.train_samples,
-        batch=g,
-        micro_batch=mb,
-        world=world,
-    )
+    visits = visits_for(resolve(config, overrides), world)
     rows = [(v.start, v.level, v.res) for v in visits]
     return rows + [(visits[-1].end, visits[-1].level, visits[-1].res)]
 

@@ -24,7 +24,7 @@ import yaml
 
 from pdeds.errors import PdedsError
 from pdeds.models.unet import UNetConfig
-from pdeds.multigrid import ScheduleConfig
+from pdeds.multigrid import ScheduleConfig, Visit, plan
 from pdeds.optim import OptimConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -468,3 +468,24 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def visits_for(res: Resolved, world: int, samples: int | None = None) -> list[Visit]:
+    """The run's visit plan for ``world`` ranks (what the trainer follows).
+
+    Args:
+        res: the resolved experiment and its DeepSpeed JSON.
+        world: number of data-parallel ranks.
+        samples: training-set size when it differs from data.train_samples (a data file).
+    """
+    g, mb, _ = batch_sizes(res.ds, world)
+    cfg = res.cfg
+    return plan(
+        cfg.schedule,
+        finest_res=cfg.problem.res,
+        total_steps=cfg.train.steps,
+        samples=samples if samples is not None else cfg.data.train_samples,
+        batch=g,
+        micro_batch=mb,
+        world=world,
+    )

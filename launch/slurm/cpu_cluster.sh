@@ -20,13 +20,5 @@ THREADS="${THREADS:-$(( $(nproc) / RANKS_PER_NODE ))}"
 export OMP_NUM_THREADS="$THREADS"
 export DS_ACCELERATOR=cpu
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$(ip -o -4 route show to default | awk '{print $5}')}"
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT="${MASTER_PORT:-29500}"
-hostfile="$repo/runs/hostfile-$SLURM_JOB_ID"
-mkdir -p "$repo/runs"
-scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$RANKS_PER_NODE/" > "$hostfile"
-# srun starts one launcher per node; --no_ssh makes each start only its own node's ranks.
-args=$(printf '%q ' "$@")
-srun --kill-on-bad-exit=1 bash -c "deepspeed --hostfile '$hostfile' --no_ssh \
-    --node_rank \$SLURM_NODEID --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
-    --no_local_rank --module pdeds train $args"
+source launch/slurm/_srun_deepspeed.sh
+srun_deepspeed "$RANKS_PER_NODE" "$@"

@@ -16,12 +16,5 @@ GPUS="${SLURM_GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}"
 GPUS="${GPUS##*:}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$(ip -o -4 route show to default | awk '{print $5}')}"
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT="${MASTER_PORT:-29500}"
-hostfile="$repo/runs/hostfile-$SLURM_JOB_ID"
-mkdir -p "$repo/runs"
-scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$GPUS/" > "$hostfile"
-args=$(printf '%q ' "$@")
-srun --kill-on-bad-exit=1 bash -c "deepspeed --hostfile '$hostfile' --no_ssh \
-    --node_rank \$SLURM_NODEID --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
-    --no_local_rank --module pdeds train $args"
+source launch/slurm/_srun_deepspeed.sh
+srun_deepspeed "$GPUS" "$@"

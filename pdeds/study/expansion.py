@@ -252,9 +252,7 @@ def check_run(study: Study, run: Run) -> tuple[int, int, int]:
     Runs the checks a rank makes at start-up: the config (``pdeds.config.resolve``), the batch
     sizes for the rank count, the optimizer against ZeRO stage and offload, the multigrid plan.
     """
-    from pdeds.config import batch_sizes
-    from pdeds.multigrid import plan
-    from pdeds.optim import prepare_ds_config
+    from pdeds.config import batch_sizes, visits_for
 
     try:
         res = resolve(study.base, run.all_overrides(study))
@@ -275,16 +273,7 @@ def check_run(study: Study, run: Run) -> tuple[int, int, int]:
                 "optimizer with zero 1, 2 or 3"
             )
         g, m, a = batch_sizes(res.ds, run.ranks)
-        prepare_ds_config(res.cfg.optim, res.ds)
-        plan(
-            res.cfg.schedule,
-            finest_res=res.cfg.problem.res,
-            total_steps=res.cfg.train.steps,
-            samples=res.cfg.data.train_samples,
-            batch=g,
-            micro_batch=m,
-            world=run.ranks,
-        )
+        visits_for(res, run.ranks)  # resolve() already checked the optimizer against ZeRO
     except PdedsError as err:
         raise PdedsError(f"study run {run.name}: {err}") from None
     return g, m, a

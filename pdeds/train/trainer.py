@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pdeds import __version__, distributed
-from pdeds.config import Resolved, batch_sizes, dump_yaml
+from pdeds.config import Resolved, batch_sizes, dump_yaml, visits_for
 from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
-from pdeds.multigrid import Visit, plan, visit_at
+from pdeds.multigrid import Visit, visit_at
 from pdeds.optim import client_optimizer, engine_step
 from pdeds.train import checkpoint, rundir
 from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
@@ -87,15 +87,7 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
     dev = device()
     g, mb, _ = batch_sizes(res.ds, world)
     coeffs = training_coeffs(res)
-    visits = plan(
-        cfg.schedule,
-        finest_res=cfg.problem.res,
-        total_steps=cfg.train.steps,
-        samples=len(coeffs),
-        batch=g,
-        micro_batch=mb,
-        world=world,
-    )
+    visits = visits_for(res, world, len(coeffs))
     config_text = dump_yaml(cfg)
     rundir.prepare(run_dir, config_text, resume, force)
     ckpt_path = checkpoint.resolve_resume(run_dir, resume)
