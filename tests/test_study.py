@@ -162,6 +162,11 @@ def test_offload_and_cycle_axes(tmp_path):
         ({"set": ["optim.lrate=1"]}, "unknown key"),
         ({"axes": {"ranks": [4]}}, "study run r4: 4 ranks do not fit .*cluster.ranks_per_node"),
         ({"cluster": {"launcher": "pbs"}}, "cluster.launcher: 'pbs'"),
+        ({"machine": {**MACHINE, "cores": 0}}, r"machine.cores must be an integer >= 1"),
+        (
+            {"machine": {**MACHINE, "gpus": 1, "gpu_mem_gib": 0}},
+            r"machine.gpu_mem_gib must be > 0 with gpus 1; give it, or set machine.check_memory",
+        ),
     ],
 )
 def test_bad_studies_are_one_clear_error(tmp_path, capsys, spec, needle):
@@ -323,7 +328,13 @@ def test_a_tiny_study_runs_here_and_a_rerun_skips_it(tmp_path, monkeypatch, caps
     assert summary["completed"] and summary["steps"] == 2 and summary["world_size"] == 1
     ds = json.loads((out / "r1" / "ds_config.json").read_text())
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (4, 2)
-    assert json.loads((out / "study.json").read_text())["target"] == 0.5
+    manifest = json.loads((out / "study.json").read_text())
+    assert manifest["target"] == 0.5
+    # The planned need bounds the run's measured peak (max RSS), not by more than 2x.
+    rows = [json.loads(x) for x in (out / "r1" / "metrics.jsonl").read_text().splitlines()]
+    rss = max(r.get("peak_memory_mb", 0.0) for r in rows) * 2**20
+    need = manifest["runs"][0]["memory"]["need_bytes"]
+    assert rss < need < 2 * rss, (rss, need)
     log = (out / "r1.log").read_text()
     assert "launch/local 1" in log and "step 2/2" in log
     capsys.readouterr()
@@ -332,3 +343,47 @@ def test_a_tiny_study_runs_here_and_a_rerun_skips_it(tmp_path, monkeypatch, caps
     assert "r1: done already, skipped" in capsys.readouterr().out
     assert time.perf_counter() - t0 < 10
     assert (out / "r1.log").read_text() == log
+
+
+def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
+    """On a pinned 1 GiB machine (0.9 GiB usable): one rank at 16^3 fits; two ranks do not (two
+    resident processes); one rank at 64^3 does not (its reference AMG solve, 2 KiB per unknown).
+    """
+    from pdeds.plan import GiB
+    from pdeds.study import memory
+
+    out = tmp_path / "out"
+    tight = {**MACHINE, "memory_gib": 1.0}
+    path = write_study(
+        tmp_path,
+        kind="comparison",
+        axes={"ranks": [1, 2], "res": [16, 64]},
+        machine=tight,
+        cluster={"ranks_per_node": 2},
+    )
+    assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    row = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("r")}
+    # columns ... memory where state overrides (one --set each: problem.res=N)
+    assert row["r1_res16"][-3:-1] == ["here", "new"] and not row["r1_res16"][-4].endswith("!")
+    for name in ("r2_res16", "r1_res64", "r2_res64"):
+        assert row[name][-4].endswith("GiB!") and row[name][-3:-1] == ["slurm_cpu", "script"]
+    study, runs = expanded(path)
+    st.check_memory(study, runs)
+    by = {r.name: r for r in runs}
+    assert [r.name for r in runs if r.fits] == ["r1_res16"]
+    for r in runs:
+        assert r.memory.usable == pytest.approx(0.9 * GiB)
+        assert r.memory.need >= r.ranks * memory.RANK_RESIDENT
+    cfg64 = resolve(study.base, by["r1_res64"].all_overrides(study)).cfg
+    e64 = memory.reference_bytes(cfg64)
+    assert e64 == memory.REFERENCE_BYTES_PER_UNKNOWN * 62 * 64**2  # interior unknowns of x1
+    assert by["r1_res64"].memory.need >= e64 + memory.RANK_RESIDENT
+    # Without the memory check, ranks alone decide.
+    assert main(["study", str(path), "--dry-run", "--no-memory-check"]) == 0
+    text = capsys.readouterr().out
+    row = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("r")}
+    assert all(row[n][-3] == "here" and row[n][-4] == "-" for n in row if n in by)
+    off = write_study(tmp_path, "off", axes={"res": [64]}, machine={**tight, "check_memory": False})
+    assert main(["study", str(off), "--dry-run"]) == 0
+    assert re.search(r"res64 +1 +1 +4 = 2 x 2 x 1 +- +here", capsys.readouterr().out)

@@ -5,10 +5,12 @@ pdeds study analysis/studies/strong_scaling_cpu.yaml               # run here / 
 pdeds study STUDY.yaml --out runs/studies/mine --only r1 r2        # a subset of the runs
 
 Every run is checked first (config, batch sizes for its rank count, optimizer vs ZeRO stage,
-multigrid plan). Runs that fit this machine run one after another through ``launch/local``
-into OUT/NAME (log OUT/NAME.log); a completed one is skipped, a partial one resumed. The others
-are written as OUT/NAME.sbatch (SLURM) or OUT/NAME.sh (hostfile). OUT/study.json records the
-study for ``pdeds report``. Exit status 1 if an executed run failed (the others still run).
+multigrid plan) and its memory planned on this machine with ``pdeds plan`` (pdeds.study.memory;
+off with machine.check_memory: false or --no-memory-check). Runs that fit this machine by ranks
+and memory run one after another through ``launch/local`` into OUT/NAME (log OUT/NAME.log); a
+completed one is skipped, a partial one resumed. The others are written as OUT/NAME.sbatch
+(SLURM) or OUT/NAME.sh (hostfile). OUT/study.json records the study for ``pdeds report``. Exit
+status 1 if an executed run failed (the others still run).
 """
 
 from __future__ import annotations
@@ -32,16 +34,32 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the runs and commands only")
     p.add_argument("--out", default=None, help="output folder (default runs/studies/<study>)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these runs")
+    p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="do not plan each run's memory here (ranks and nodes alone decide what runs here)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from pdeds.study import execute, expand, load_study, manifest, table, validate, write_scripts
+    from pdeds.study import (
+        check_memory,
+        execute,
+        expand,
+        load_study,
+        manifest,
+        table,
+        validate,
+        write_scripts,
+    )
 
     study = load_study(args.study)
     runs = expand(study)
     validate(study, runs)
+    if study.machine.check_memory and not args.no_memory_check:
+        check_memory(study, runs, lambda s: print(s, flush=True))
     out = Path(args.out or Path("runs") / "studies" / study.name)
     chosen = runs
     if args.only:

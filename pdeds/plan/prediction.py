@@ -52,7 +52,6 @@ class Plan:
     checkpoint: bool
     variant: str
     states: ModelStates
-    states: ModelStates
     levels: list[LevelPlan]
     calibration: Calibration
     recommendations: list[str] = field(default_factory=list)

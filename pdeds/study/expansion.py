@@ -57,9 +57,12 @@ class Run:
     batch: tuple[int, int, int]
     """(global batch G, micro-batch m, accumulation a) with G = m a ranks."""
     fits: bool
-    """One node, and no more ranks than this machine's slots."""
+    """One node, no more ranks than this machine's slots, and (once ``check_memory`` ran) its
+    planned memory fits this machine."""
     extra: list[str] = field(default_factory=list)
     """Overrides that only satisfy another axis (e.g. schedule.levels for a cycle)."""
+    memory: Any = None
+    """``pdeds.study.memory.MemoryFit`` once planned (runs that fit here by ranks)."""
 
     def all_overrides(self, study: Study) -> list[str]:
         """The study's fixed overrides, then this run's (repeats of a fixed one dropped)."""

@@ -36,6 +36,7 @@ def manifest(study: Study, runs: list[Run], out: Path) -> dict[str, Any]:
                 "batch": {"global": r.batch[0], "micro": r.batch[1], "accumulation": r.batch[2]},
                 "overrides": r.all_overrides(study),
                 "where": "here" if r.fits else study.cluster.launcher,
+                "memory": r.memory.to_dict() if r.memory is not None else None,
                 "run_dir": r.name,
                 "script": None if r.fits else script_path(study, r, out).name,
             }
@@ -46,7 +47,7 @@ def manifest(study: Study, runs: list[Run], out: Path) -> dict[str, Any]:
 
 def table(study: Study, runs: list[Run], out: Path) -> str:
     """The plan as text: a header, one row per run, then every run's command."""
-    rows = [("name", "ranks", "nodes", "G = m x a x W", "where", "state", "overrides")]
+    rows = [("name", "ranks", "nodes", "G = m x a x W", "memory", "where", "state", "overrides")]
     for r in runs:
         g, m, a = r.batch
         shown = [o for o in r.overrides + r.extra if o.split("=")[0] not in BATCH_KEYS]
@@ -58,6 +59,7 @@ def table(study: Study, runs: list[Run], out: Path) -> str:
                 str(r.ranks),
                 str(r.nodes),
                 f"{g} = {m} x {a} x {r.ranks}",
+                r.memory.cell() if r.memory is not None else "-",
                 where,
                 state,
                 " ".join(shown) or "-",
@@ -69,8 +71,11 @@ def table(study: Study, runs: list[Run], out: Path) -> str:
         f"{len(runs)} run(s), out {show_path(out, Path.cwd())}",
         f"fixed: {' '.join(study.fixed) or '-'}",
         f"machine: {study.machine.describe()}; runs that do not fit: {study.cluster.launcher}",
-        "",
     ]
+    if any(r.memory is not None for r in runs):
+        what = "per GPU" if study.machine.gpus else "all ranks on this host, or the reference solve"
+        lines.append(f"memory: planned need / usable here ({what}); ! = does not fit: a script")
+    lines.append("")
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     lines += ["", "commands:"]

@@ -9,7 +9,8 @@ A study file (see ``analysis/studies/``)::
       zero: [0, 2]
     set: [train.steps=20, problem.res=16]         # fixed overrides of every run (ds.* too)
     target: 0.05                                  # held-out rel-L2 target (time-to-target)
-    machine: {cores: 2, gpus: 0}                  # this machine (keys not given: detected)
+    machine: {cores: 2, gpus: 0}                  # this machine (keys not given: detected);
+                                                  # check_memory: false skips the memory plan
     cluster: {launcher: slurm_cpu, ranks_per_node: 8}
 
 Axes and the keys they set: ``ranks`` (world size W, the launcher's N), ``nodes``, ``zero``
@@ -48,23 +49,52 @@ class Machine:
     gpus: int = 0
     """CUDA devices (ranks go one per GPU when there are any)."""
     memory_gib: float = 0.0
-    """Host memory (recorded in the manifest; the fit test counts ranks and nodes only)."""
+    """Host memory (GiB)."""
+    gpu_mem_gib: float = 0.0
+    """Memory of one GPU (GiB); 0 without GPUs."""
+    check_memory: bool = True
+    """Plan each run's memory here (``pdeds.study.memory``); one that does not fit becomes a
+    cluster script. False: ranks and nodes alone decide."""
 
     @classmethod
     def detect(cls) -> Machine:
-        """Cores from the CPU affinity mask, GPUs from torch, memory from sysconf."""
+        """Cores from the CPU affinity mask, GPUs and their memory from torch, host memory from
+        sysconf."""
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return cls(cores=cores, gpus=torch.cuda.device_count(), memory_gib=pages / 2**30)
+        gpus = torch.cuda.device_count()
+        gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpus else 0.0
+        return cls(cores=cores, gpus=gpus, memory_gib=pages / 2**30, gpu_mem_gib=gpu_mem)
+
+    def validate(self, path: Path) -> None:
+        """Raise PdedsError naming the bad ``machine`` key."""
+        for key in ("cores", "gpus"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (key == "cores" and v < 1):
+                raise PdedsError(
+                    f"study {path}: machine.{key} must be an integer >= "
+                    f"{1 if key == 'cores' else 0}, got {v!r}"
+                )
+        if self.check_memory and not self.memory_gib > 0:
+            raise PdedsError(
+                f"study {path}: machine.memory_gib must be > 0 to check memory; "
+                "give it, or set machine.check_memory: false"
+            )
+        if self.check_memory and self.gpus and not self.gpu_mem_gib > 0:
+            raise PdedsError(
+                f"study {path}: machine.gpu_mem_gib must be > 0 with gpus "
+                f"{self.gpus}; give it, or set machine.check_memory: false"
+            )
 
     def slots(self) -> int:
         """Ranks one node of this machine takes: one per GPU, else one per core."""
         return self.gpus if self.gpus > 0 else self.cores
 
     def describe(self) -> str:
-        return f"{self.cores} cores, {self.gpus} GPUs, {self.memory_gib:.1f} GiB"
+        gpu = f" x {self.gpu_mem_gib:.0f} GiB" if self.gpus else ""
+        return f"{self.cores} cores, {self.gpus} GPUs{gpu}, {self.memory_gib:.1f} GiB"
 
 
 @dataclass
@@ -191,8 +221,10 @@ def load_study(path: str | Path, machine: Machine | None = None) -> Study:
         if not isinstance(given, dict):
             raise PdedsError(f"study {path}: machine must map cores, gpus, memory_gib to numbers")
         pinned = build(Machine, given, "machine")
-        detected = Machine.detect() if set(given) != {"cores", "gpus", "memory_gib"} else pinned
+        hardware = {"cores", "gpus", "memory_gib", "gpu_mem_gib"}
+        detected = Machine.detect() if not hardware <= set(given) else pinned
         machine = Machine(**{**asdict(detected), **{k: getattr(pinned, k) for k in given}})
+        machine.validate(path)
     cluster = build(Cluster, data.get("cluster") or {}, "cluster")
     cluster.validate()
     return Study(
