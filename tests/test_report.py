@@ -233,6 +233,13 @@ def test_broken_run_dirs_are_reported_not_fatal(tmp_path, capsys):
     assert main(["report", str(good), "--out", str(out)]) == 2
     assert "already holds a report" in capsys.readouterr().err
     assert main(["report", str(good), "--out", str(out), "--force"]) == 0
+    # Paths that hold no run at all (a typo, the wrong folder) are one error; nothing written.
+    nothing = tmp_path / "rep2"
+    for paths in ([tmp_path / "ghost"], [tmp_path / "empty", tmp_path / "ghost"]):
+        assert main(["report", *map(str, paths), "--out", str(nothing)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pdeds: error: no run found in") and err.count("\n") == 1
+        assert not nothing.exists()
 
 
 def test_every_plot_is_drawn_when_the_data_allows(tmp_path):

@@ -47,6 +47,10 @@ class RunData:
     row: dict[str, Any] = field(default_factory=dict)
     """The CSV row (filled by :func:`summarise`)."""
 
+    def is_empty(self) -> bool:
+        """Nothing of a run is there: no folder, or none of :data:`RUN_FILES` in it."""
+        return "the run directory" in self.missing or set(RUN_FILES) <= set(self.missing)
+
 
 def _read(path: Path, parse: Any, missing: list[str]) -> dict[str, Any]:
     """The mapping parse(text) of a file, or {} with the file noted as missing / unreadable."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from pdeds.errors import PdedsError
 from pdeds.report.plots import draw_all
-from pdeds.report.rundirs import collect
+from pdeds.report.rundirs import RUN_FILES, collect
 from pdeds.report.tables import markdown, write_csv
 
 OUTPUTS = ("runs.csv", "report.md")
@@ -28,6 +28,12 @@ def report(
     if not paths:
         raise PdedsError("no run directories given; pass RUN_DIR... (or a study's --out folder)")
     runs, notes = collect(paths, target)
+    if runs and all(r.is_empty() for r in runs) and not notes:
+        names = ", ".join(str(r.path) for r in runs)
+        raise PdedsError(
+            f"no run found in {names}: none holds {', '.join(RUN_FILES)} or a study.json; pass "
+            "run directories (pdeds train --run-dir) or a `pdeds study` output folder"
+        )
     rows = [r.row for r in runs]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "runs.csv")

@@ -174,6 +174,11 @@ def load_study(path: str | Path, machine: Machine | None = None) -> Study:
         machine: this machine; default the study's ``machine:`` section, else detected.
     """
     path = Path(path)
+    if not path.is_file():
+        raise PdedsError(
+            f"study file {path} not found; pass a study YAML such as "
+            "analysis/studies/strong_scaling_cpu.yaml"
+        )
     data = load_yaml(path)
     unknown = sorted(set(data) - set(STUDY_KEYS))
     if unknown:
