@@ -10,7 +10,7 @@ fi
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/pip" install -q torch==2.13.0 || exit 1
 fi
-if ! "$venv/bin/python" -c "import pdeds, deepspeed, pyamg, h5py" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import pdeds, deepspeed, pyamg, h5py" >/dev/null 2>&1; then
     DS_BUILD_OPS=0 "$venv/bin/pip" install -q -e "$root[dev]" || exit 1
 fi
 export PATH="$venv/bin:$PATH"

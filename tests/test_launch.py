@@ -73,6 +73,90 @@ def test_cli_errors_are_one_line(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_launchers_check_once_before_starting_ranks(tmp_path):
+    """``pdeds train --check-only --ranks N`` runs the start-up checks for N ranks and writes
+    nothing; launch/local and launch/multinode run it once, so a bad input is one error line
+    and no rank (nor DeepSpeed's launcher) starts."""
+    cfg = write_tiny(tmp_path / "c.yaml")  # global batch 4, micro-batch 2
+    run = tmp_path / "run"
+    ok = pdeds("train", str(cfg), "--run-dir", str(run), "--check-only", "--ranks", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert "check ok: 2 rank(s), global batch 4 = 2 x 1 x 2" in ok.stdout
+    assert "starts at step 0" in ok.stdout and not run.exists()
+    bad = pdeds("train", str(cfg), "--run-dir", str(run), "--check-only", "--ranks", "3")
+    assert bad.returncode == 2 and "not divisible by micro-batch 2 x 3 rank(s)" in bad.stderr
+    lone = pdeds("train", str(cfg), "--run-dir", str(run), "--ranks", "3")
+    assert lone.returncode == 2 and "--ranks goes with --check-only" in lone.stderr
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("problem: {}\n")
+    held = pdeds("train", str(cfg), "--run-dir", str(run), "--check-only")
+    assert held.returncode == 2 and "already holds a run" in held.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode-a slots=2\nnode-b slots=1\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for argv in (
+        [str(ROOT / "launch" / "local"), "3", str(cfg), "--run-dir", str(tmp_path / "r3")],
+        [
+            str(ROOT / "launch" / "multinode"),
+            str(hosts),
+            str(cfg),
+            "--run-dir",
+            str(tmp_path / "r3"),
+        ],
+    ):
+        r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        errors = [x for x in (r.stdout + r.stderr).splitlines() if "error" in x.lower()]
+        assert len(errors) == 1 and errors[0].startswith("pdeds: error:"), errors
+        assert "micro-batch 2 x 3 rank(s)" in errors[0], errors  # multinode: 2 + 1 slots
+        assert "deepspeed" not in r.stdout.lower() and not (tmp_path / "r3").exists()
+
+
+def test_slurm_script_checks_then_starts_one_launcher_per_node(tmp_path):
+    """launch/slurm/cpu_cluster.sh under a fake SLURM (srun and scontrol on PATH): the check
+    runs once for nodes x ranks per node; only when it passes is srun called, with a hostfile
+    of the job's nodes and one deepspeed launcher per node."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'n1\\nn2\\n'\n")
+    (fake / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'srun.txt'}\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    cfg = write_tiny(tmp_path / "c.yaml")  # global batch 4, micro-batch 2
+    job = f"test{os.getpid()}"
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="n[1-2]",
+        SLURM_JOB_ID=job,
+        THREADS="1",
+    )
+    argv = ["bash", str(ROOT / "launch/slurm/cpu_cluster.sh"), str(cfg), "--run-dir", "r"]
+    hostfile = ROOT / "runs" / f"hostfile-{job}"
+    try:
+        r = subprocess.run(
+            argv, env=dict(env, RANKS_PER_NODE="3"), capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 2 and "micro-batch 2 x 6 rank(s)" in r.stderr, r.stderr
+        assert not (tmp_path / "srun.txt").exists()
+        r = subprocess.run(
+            argv, env=dict(env, RANKS_PER_NODE="1"), capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "check ok: 2 rank(s), global batch 4 = 2 x 1 x 2" in r.stdout
+        call = (tmp_path / "srun.txt").read_text()
+        assert call.startswith("--kill-on-bad-exit=1\nbash\n-c\ndeepspeed --hostfile ")
+        assert "--no_ssh" in call and "--node_rank $SLURM_NODEID" in call
+        assert "--master_addr n1" in call and "--module pdeds train" in call
+        assert hostfile.read_text() == "n1 slots=1\nn2 slots=1\n"
+    finally:
+        hostfile.unlink(missing_ok=True)
+
+
 def test_torchrun_runs_the_same_module(tmp_path):
     cfg = write_tiny(tmp_path / "c.yaml", train={"steps": 2})
     run = tmp_path / "run"

@@ -8,6 +8,8 @@
 srun_deepspeed() {
     local slots=$1
     shift
+    # One check on the batch host before any rank starts (world size = nodes x slots).
+    python -m pdeds train --check-only --ranks "$(( SLURM_NNODES * slots ))" "$@" || exit $?
     export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
     export MASTER_PORT="${MASTER_PORT:-29500}"
     local hostfile="$PWD/runs/hostfile-$SLURM_JOB_ID"

@@ -46,13 +46,37 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="move an existing run in --run-dir aside and start anew",
     )
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check the config, data, batch sizes for --ranks and the run directory; start "
+        "nothing (the launchers run this once before starting ranks)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="world size for --check-only (default $WORLD_SIZE, else 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from pdeds.config import resolve
-    from pdeds.train.trainer import train
+    from pdeds.errors import PdedsError
+    from pdeds.train.trainer import preflight, train
 
     resolved = resolve(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    if args.ranks is not None and not args.check_only:
+        raise PdedsError("--ranks goes with --check-only; the launcher sets the world size")
+    if args.check_only:
+        ranks = args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if ranks < 1:
+            raise PdedsError(f"--ranks: must be >= 1, got {ranks}")
+        line = preflight(resolved, run_dir, ranks, resume=args.resume, force=args.force)
+        print(f"pdeds: check ok: {line}", flush=True)
+        return 0
     summary = train(resolved, run_dir, resume=args.resume, force=args.force)
     return 0 if summary["completed"] or summary["steps"] > 0 else 1

@@ -20,7 +20,7 @@ RESUMABLE_CHANGES = {"train"}
 """Sections that may differ between a run and its resumption (e.g. more steps)."""
 
 
-def _decide(run_dir: Path, config_text: str, resume: str | None, force: bool) -> str | None:
+def verdict(run_dir: Path, config_text: str, resume: str | None, force: bool) -> str | None:
     """Rank 0's verdict: None when the directory may be used, else the error message."""
     if not run_dir.exists():
         return None
@@ -53,19 +53,19 @@ def _decide(run_dir: Path, config_text: str, resume: str | None, force: bool) ->
 
 def prepare(run_dir: Path, config_text: str, resume: str | None, force: bool) -> None:
     """Check (on rank 0, verdict shared with every rank) and create the run directory."""
-    verdict = None
+    why = None
     if distributed.rank() == 0:
-        verdict = _decide(run_dir, config_text, resume, force)
-        if verdict is None and force and resume is None and run_dir.is_dir():
+        why = verdict(run_dir, config_text, resume, force)
+        if why is None and force and resume is None and run_dir.is_dir():
             if any(run_dir.iterdir()):
                 aside = run_dir.with_name(
                     f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 )
                 run_dir.rename(aside)
                 print(f"pdeds: moved the previous run aside to {aside}", flush=True)
-        if verdict is None:
+        if why is None:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    verdict = distributed.broadcast_object(verdict)
-    if verdict is not None:
-        raise PdedsError(verdict)
+    why = distributed.broadcast_object(why)
+    if why is not None:
+        raise PdedsError(why)
     distributed.barrier()

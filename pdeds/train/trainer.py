@@ -79,6 +79,28 @@ def training_coeffs(res: Resolved) -> np.ndarray:
     return sample_coefficients(cfg.data.train_samples, p.modes, cfg.data.seed, sobol=cfg.data.sobol)
 
 
+def preflight(
+    res: Resolved, run_dir: Path, world: int, *, resume: str | None = None, force: bool = False
+) -> str:
+    """What ``train`` checks before any rank builds an engine, for ``world`` ranks, leaving
+    ``run_dir`` untouched: the batch sizes, the training data, the visit plan, the run directory
+    and the checkpoint to resume. Launchers run it once (``pdeds train --check-only --ranks N``)
+    so that a bad input is one error before N ranks start, not N errors after. Returns a line
+    describing the run."""
+    g, mb, acc = batch_sizes(res.ds, world)
+    coeffs = training_coeffs(res)
+    visits = visits_for(res, world, len(coeffs))
+    why = rundir.verdict(run_dir, dump_yaml(res.cfg), resume, force)
+    if why is not None:
+        raise PdedsError(why)
+    ckpt = checkpoint.resolve_resume(run_dir, resume)
+    start = f"resumes from {ckpt}" if ckpt is not None else "starts at step 0"
+    return (
+        f"{world} rank(s), global batch {g} = {mb} x {acc} x {world}, {len(coeffs)} training "
+        f"samples, {len(visits)} visit(s), {visits[-1].end} steps; {run_dir} {start}"
+    )
+
+
 def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: bool = False) -> dict:
     """Train, evaluate and checkpoint one experiment; returns the summary (also summary.json)."""
     t_start = time.perf_counter()
