@@ -275,7 +275,13 @@ def test_a_study_folder_stands_for_its_runs(tmp_path, capsys):
         "kind": "strong",
         "target": 0.1,
         "runs": [
-            {"name": "r1", "ranks": 1, "nodes": 1, "run_dir": "r1"},
+            {
+                "name": "r1",
+                "ranks": 1,
+                "nodes": 1,
+                "run_dir": "r1",
+                "memory": {"need_bytes": 3 * 2**29, "rank0_bytes": 3 * 2**28, "fits": True},
+            },
             {"name": "r8", "ranks": 8, "nodes": 4, "run_dir": "r8", "script": "r8.sbatch"},
         ],
     }
@@ -286,4 +292,6 @@ def test_a_study_folder_stands_for_its_runs(tmp_path, capsys):
     assert list(rows) == ["r1"] and rows["r1"]["target"] == "0.1"
     assert rows["r1"]["nodes"] == "1" and rows["r1"]["kind"] == "strong"
     assert float(rows["r1"]["time_to_target_s"]) == pytest.approx(5.0)
+    assert float(rows["r1"]["planned_memory_mb"]) == 768.0  # the manifest's rank-0 plan
+    assert "| planned (MiB) |" in (out / "report.md").read_text()
     assert "r8: not run yet (r8.sbatch)" in capsys.readouterr().out

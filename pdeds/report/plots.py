@@ -146,28 +146,38 @@ def plot_val_curves(runs: list[RunData], path: Path) -> bool:
 
 
 def plot_memory(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Peak memory of rank 0 against resolution, one line per (ranks, ZeRO, offload)."""
+    """Peak memory of rank 0 against resolution, one line per (ranks, ZeRO, offload); the
+    planned peak (``pdeds study``'s memory plan) dashed in the same colour where known."""
     pts = [r for r in rows if r["res"] and r["peak_memory_mb"]]
     if len({r["res"] for r in pts}) < 2:
         return False
     groups: dict[tuple, dict[int, float]] = {}
+    plans: dict[tuple, dict[int, float]] = {}
     for r in pts:
-        peaks = groups.setdefault((r["ranks"], r["zero"], r["offload"]), {})
+        key = (r["ranks"], r["zero"], r["offload"])
+        peaks = groups.setdefault(key, {})
         peaks[r["res"]] = max(peaks.get(r["res"], 0.0), r["peak_memory_mb"])
+        if r.get("planned_memory_mb"):
+            plans.setdefault(key, {})[r["res"]] = r["planned_memory_mb"]
     fig, (ax,) = _figure(1)
     for (ranks, zero, offload), peaks in sorted(groups.items(), key=str):
         res = sorted(peaks)
-        ax.plot(
+        (line,) = ax.plot(
             res,
             [peaks[n] for n in res],
             "o-",
             label=f"{ranks} ranks, ZeRO {zero}, offload {offload}",
         )
+        planned = plans.get((ranks, zero, offload), {})
+        if planned:
+            xs = sorted(planned)
+            ax.plot(xs, [planned[n] for n in xs], "x--", color=line.get_color(), label="planned")
     ticks = sorted({r["res"] for r in pts})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    _log_y(ax, [p for peaks in groups.values() for p in peaks.values()])
+    values = [p for d in (*groups.values(), *plans.values()) for p in d.values()]
+    _log_y(ax, values)
     ax.set_xlabel("resolution (nodes per axis)")
     ax.set_ylabel("peak memory of rank 0 (MiB)")
     ax.grid(alpha=0.3, which="both")

@@ -135,6 +135,12 @@ def _kind_from_path(path: Path) -> str:
     return "strong" if "strong" in text else "weak" if "weak" in text else ""
 
 
+def _planned_mb(run: RunData) -> float | None:
+    """Rank 0's planned peak (MiB) from the study manifest (``pdeds.study.memory``), if any."""
+    planned = (run.study.get("memory") or {}).get("rank0_bytes")
+    return planned / 2**20 if is_number(planned) and planned > 0 else None
+
+
 def summarise(run: RunData, target: float | None) -> dict[str, Any]:
     """The CSV row of one run (empty strings where the data is absent)."""
     sps, step_t = throughput(run.steps)
@@ -165,6 +171,7 @@ def summarise(run: RunData, target: float | None) -> dict[str, Any]:
         "samples_per_s": sps,
         "step_time_s": step_t,
         "peak_memory_mb": peak,
+        "planned_memory_mb": _planned_mb(run),
         "final_val_rel_l2": final,
         "steps": run.summary.get("steps", last_step.get("step")),
         "train_s": run.summary.get("train_time_s", last_step.get("train_s")),

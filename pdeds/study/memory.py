@@ -8,7 +8,7 @@ A run with one node and no more ranks than this machine has slots is planned on 
   the host: ``Plan.fits``;
 - on CPU every rank lives in the same host memory, so the need is
 
-      W (M + R) + H   and, while rank 0 solves the held-out references first,   E + W R
+      W (1.1 M + R) + H   and, while rank 0 solves the held-out references first,   E + W R
 
   against ``(1 - reserve)`` x the machine's memory, where R is the resident size of an idle
   rank (Python, torch, DeepSpeed; ``RANK_RESIDENT``), H the host-side states (offloaded states,
@@ -40,6 +40,11 @@ REFERENCE_BYTES_PER_UNKNOWN = 2048.0
 ((0.75 - 0.30) GB / 254k unknowns = 1.8 KB) and 128^3 ((4.2 - 0.3) GB / 2.06M = 1.9 KB)."""
 RESERVE = 0.1
 """Fraction of the machine's memory left to the OS and other processes."""
+CPU_SLACK = 0.1
+"""On CPU, M is taken 10% larger: torch's allocation peak of a step measured 4.6-4.7% above the
+plan at 64^3 and 96^3 (`pdeds plan launch/configs/quickstart.yaml --check 64,96`), and the
+process's max RSS holds freed blocks beyond that (max RSS - allocation peak: 0.59 GiB at 64^3,
+0.78 GiB at 96^3, against R = 0.6 GiB)."""
 
 
 @dataclass
@@ -53,6 +58,10 @@ class MemoryFit:
     fits: bool
     what: str
     """``device`` (per GPU) or ``host`` (the whole machine's memory)."""
+    rank0: float = 0.0
+    """Bytes: the planned peak of rank 0, what its ``peak_memory_mb`` measures (the CUDA
+    allocator's peak M with GPUs; max RSS on CPU: max(1.1 M + H / W, E) + R, rank 0 solving
+    the references)."""
 
     def cell(self) -> str:
         """``0.42/21.6GiB`` (``!`` appended when it does not fit)."""
@@ -70,6 +79,7 @@ class MemoryFit:
             "usable_bytes": int(self.usable),
             "fits": self.fits,
             "what": self.what,
+            "rank0_bytes": int(self.rank0),
         }
 
 
@@ -103,14 +113,16 @@ def run_memory(study: Study, run: Run, calibrations: dict[str, Any]) -> MemoryFi
         )
         p = plan.make_plan(resolved, hw, calibrations[key], config_name=run.name)
         need = max(lv.device_total for lv in p.levels)
-        return MemoryFit(need, hw.usable_bytes, p.fits, "device")
+        return MemoryFit(need, hw.usable_bytes, p.fits, "device", rank0=need)
     hw = plan.Hardware(gpus_per_node=run.ranks, gpu_mem_gib=m.memory_gib / run.ranks)
     p = plan.make_plan(resolved, hw, calibrations[key], config_name=run.name)
-    peak = max(lv.device_total for lv in p.levels)
+    peak = max(lv.device_total for lv in p.levels) * (1.0 + CPU_SLACK)
     train = run.ranks * (peak + RANK_RESIDENT) + p.states.host_total
-    need = max(train, reference_bytes(cfg) + run.ranks * RANK_RESIDENT)
+    ref = reference_bytes(cfg)
+    need = max(train, ref + run.ranks * RANK_RESIDENT)
     usable = m.memory_gib * GiB * (1.0 - RESERVE)
-    return MemoryFit(need, usable, need <= usable, "host")
+    rank0 = max(peak + p.states.host_total / run.ranks, ref) + RANK_RESIDENT
+    return MemoryFit(need, usable, need <= usable, "host", rank0=rank0)
 
 
 def check_memory(study: Study, runs: list[Run], say: Any = None) -> None:
