@@ -162,6 +162,7 @@ def test_offload_and_cycle_axes(tmp_path):
         ({"set": ["optim.lrate=1"]}, "unknown key"),
         ({"axes": {"ranks": [4]}}, "study run r4: 4 ranks do not fit .*cluster.ranks_per_node"),
         ({"cluster": {"launcher": "pbs"}}, "cluster.launcher: 'pbs'"),
+        ({"cluster": {"memory_gib": 0}}, r"cluster.memory_gib: must be > 0 GiB, got 0"),
         ({"machine": {**MACHINE, "cores": 0}}, r"machine.cores must be an integer >= 1"),
         (
             {"machine": {**MACHINE, "gpus": 1, "gpu_mem_gib": 0}},
@@ -348,42 +349,72 @@ def test_a_tiny_study_runs_here_and_a_rerun_skips_it(tmp_path, monkeypatch, caps
 def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
     """On a pinned 1 GiB machine (0.9 GiB usable): one rank at 16^3 fits; two ranks do not (two
     resident processes); one rank at 64^3 does not (its reference AMG solve, 2 KiB per unknown).
-    """
+    They go to the cluster, planned there when the study says its nodes' memory."""
+    from pdeds import plan
     from pdeds.plan import GiB
     from pdeds.study import memory
 
     out = tmp_path / "out"
     tight = {**MACHINE, "memory_gib": 1.0}
-    path = write_study(
-        tmp_path,
-        kind="comparison",
-        axes={"ranks": [1, 2], "res": [16, 64]},
-        machine=tight,
-        cluster={"ranks_per_node": 2},
-    )
+    spec = dict(kind="comparison", axes={"ranks": [1, 2], "res": [16, 64]}, machine=tight)
+    first = path = write_study(tmp_path, cluster={"ranks_per_node": 2}, **spec)
     assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     row = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("r")}
     # columns ... memory where state overrides (one --set each: problem.res=N)
     assert row["r1_res16"][-3:-1] == ["here", "new"] and not row["r1_res16"][-4].endswith("!")
     for name in ("r2_res16", "r1_res64", "r2_res64"):
-        assert row[name][-4].endswith("GiB!") and row[name][-3:-1] == ["slurm_cpu", "script"]
+        assert row[name][-4:-1] == ["-", "slurm_cpu", "script"]  # the cluster's memory unknown
+        assert re.search(rf"  {name}: not run here: it needs [0-9.]+ GiB of host memory", text)
     study, runs = expanded(path)
     st.check_memory(study, runs)
-    by = {r.name: r for r in runs}
     assert [r.name for r in runs if r.fits] == ["r1_res16"]
+    assert [r.name for r in runs if r.memory is not None] == ["r1_res16"]
+    # The same numbers from plan_run on this machine's one node.
+    here = {}
     for r in runs:
-        assert r.memory.usable == pytest.approx(0.9 * GiB)
-        assert r.memory.need >= r.ranks * memory.RANK_RESIDENT
-    cfg64 = resolve(study.base, by["r1_res64"].all_overrides(study)).cfg
+        res = resolve(study.base, r.all_overrides(study))
+        cal = plan.calibrate(3, res.cfg.model)
+        here[r.name] = st.plan_run(res, st.Nodes(1, r.ranks, 1.0), cal)
+        assert here[r.name].usable == pytest.approx(0.9 * GiB)
+        assert here[r.name].need >= r.ranks * memory.RANK_RESIDENT
+        assert here[r.name].fits == (r.name == "r1_res16")
+    cfg64 = resolve(study.base, runs[1].all_overrides(study)).cfg
     e64 = memory.reference_bytes(cfg64)
     assert e64 == memory.REFERENCE_BYTES_PER_UNKNOWN * 62 * 64**2  # interior unknowns of x1
-    assert by["r1_res64"].memory.need >= e64 + memory.RANK_RESIDENT
+    assert here["r1_res64"].need >= e64 + memory.RANK_RESIDENT
+    # Cluster nodes of 4 GiB take them all; nodes of 0.8 GiB are flagged before submission.
+    for node_gib, fits in ((4.0, True), (0.8, False)):
+        cluster = {"ranks_per_node": 2, "memory_gib": node_gib}
+        path = write_study(tmp_path, f"c{node_gib}", cluster=cluster, **spec)
+        out = tmp_path / f"out{node_gib}"
+        assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
+        text = capsys.readouterr().out
+        row = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("r")}
+        for name in ("r2_res16", "r1_res64", "r2_res64"):
+            assert row[name][-4].endswith(f"/{0.9 * node_gib:.1f}GiB" + ("" if fits else "!"))
+            assert (f"{name}: WILL NOT FIT on the slurm_cpu nodes" in text) != fits
+        study, runs = expanded(path)
+        st.check_memory(study, runs)
+        (out.parent / f"o{node_gib}").mkdir()
+        st.write_scripts(study, runs, out.parent / f"o{node_gib}", lambda s: None)
+        head = (out.parent / f"o{node_gib}" / "r1_res64.sbatch").read_text()
+        assert "# Not run on the machine that wrote it: it needs" in head
+        assert ("# Memory plan on these nodes: fits needs" in head) == fits
+        assert ("WILL NOT FIT: it needs" in head) != fits
+    # GPU nodes: planned per GPU.
+    gpu = {"launcher": "slurm_gpu", "ranks_per_node": 2, "memory_gib": 64, "gpu_mem_gib": 0.5}
+    study, runs = expanded(write_study(tmp_path, "g", cluster=gpu, **spec))
+    st.check_memory(study, runs)
+    for r in runs[1:]:
+        assert r.memory.what == "device" and r.memory.usable == pytest.approx(0.45 * GiB)
+        assert r.memory.where == "slurm_gpu"
     # Without the memory check, ranks alone decide.
-    assert main(["study", str(path), "--dry-run", "--no-memory-check"]) == 0
+    assert main(["study", str(first), "--dry-run", "--no-memory-check"]) == 0
     text = capsys.readouterr().out
     row = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("r")}
-    assert all(row[n][-3] == "here" and row[n][-4] == "-" for n in row if n in by)
+    names = ("r1_res16", "r2_res16", "r1_res64", "r2_res64")
+    assert all(row[n][-3] == "here" and row[n][-4] == "-" for n in names)
     off = write_study(tmp_path, "off", axes={"res": [64]}, machine={**tight, "check_memory": False})
     assert main(["study", str(off), "--dry-run"]) == 0
     assert re.search(r"res64 +1 +1 +4 = 2 x 2 x 1 +- +here", capsys.readouterr().out)

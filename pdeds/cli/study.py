@@ -5,8 +5,9 @@ pdeds study analysis/studies/strong_scaling_cpu.yaml               # run here / 
 pdeds study STUDY.yaml --out runs/studies/mine --only r1 r2        # a subset of the runs
 
 Every run is checked first (config, batch sizes for its rank count, optimizer vs ZeRO stage,
-multigrid plan) and its memory planned on this machine with ``pdeds plan`` (pdeds.study.memory;
-off with machine.check_memory: false or --no-memory-check). Runs that fit this machine by ranks
+multigrid plan) and its memory planned with ``pdeds plan`` where it goes: here, and on the
+cluster when cluster.memory_gib (+ gpu_mem_gib) says its nodes (pdeds.study.memory; off with
+machine.check_memory: false or --no-memory-check). Runs that fit this machine by ranks
 and memory run one after another through ``launch/local`` into OUT/NAME (log OUT/NAME.log); a
 completed one is skipped, a partial one resumed. The others are written as OUT/NAME.sbatch
 (SLURM) or OUT/NAME.sh (hostfile). OUT/study.json records the study for ``pdeds report``. Exit

@@ -62,7 +62,9 @@ class Run:
     extra: list[str] = field(default_factory=list)
     """Overrides that only satisfy another axis (e.g. schedule.levels for a cycle)."""
     memory: Any = None
-    """``pdeds.study.memory.MemoryFit`` once planned (runs that fit here by ranks)."""
+    """``pdeds.study.memory.MemoryFit``: the memory plan where the run goes, once planned."""
+    not_here: str | None = None
+    """Why a run that fits here by ranks does not run here (its memory), once planned."""
 
     def all_overrides(self, study: Study) -> list[str]:
         """The study's fixed overrides, then this run's (repeats of a fixed one dropped)."""

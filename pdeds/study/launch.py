@@ -73,8 +73,11 @@ def script_text(study: Study, run: Run, out: Path) -> str:
         f"{run.nodes} node(s), {rpn} per node ({study.kind}).\n"
         f"# Written by `pdeds study {show_path(study.path, PROJECT_ROOT)}`.\n"
     )
-    if run.memory is not None and not run.memory.fits:
-        head += f"# Not run on the machine that wrote it: {run.memory.reason()} (pdeds plan).\n"
+    if run.not_here:
+        head += f"# Not run on the machine that wrote it: it {run.not_here} (pdeds plan).\n"
+    if run.memory is not None:
+        verdict = "fits" if run.memory.fits else "WILL NOT FIT: it"
+        head += f"# Memory plan on these nodes: {verdict} {run.memory.reason()}.\n"
     if c.launcher == "hostfile":
         hostfile = shlex.quote(c.hostfile)
         return (

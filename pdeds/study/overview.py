@@ -73,11 +73,21 @@ def table(study: Study, runs: list[Run], out: Path) -> str:
         f"machine: {study.machine.describe()}; runs that do not fit: {study.cluster.launcher}",
     ]
     if any(r.memory is not None for r in runs):
-        what = "per GPU" if study.machine.gpus else "all ranks on this host, or the reference solve"
-        lines.append(f"memory: planned need / usable here ({what}); ! = does not fit: a script")
+        lines.append(
+            "memory: planned need / usable where the run goes (per GPU; per node on CPU: its "
+            "ranks, or the reference solve); ! = will not fit"
+        )
     lines.append("")
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    notes = [f"  {r.name}: not run here: it {r.not_here}" for r in runs if r.not_here]
+    notes += [
+        f"  {r.name}: WILL NOT FIT on the {r.memory.where} nodes: it {r.memory.reason()}"
+        for r in runs
+        if r.memory is not None and not r.memory.fits and not r.fits
+    ]
+    if notes:
+        lines += ["", "memory:", *notes]
     lines += ["", "commands:"]
     for r in runs:
         if r.fits:

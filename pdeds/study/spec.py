@@ -11,7 +11,7 @@ A study file (see ``analysis/studies/``)::
     target: 0.05                                  # held-out rel-L2 target (time-to-target)
     machine: {cores: 2, gpus: 0}                  # this machine (keys not given: detected);
                                                   # check_memory: false skips the memory plan
-    cluster: {launcher: slurm_cpu, ranks_per_node: 8}
+    cluster: {launcher: slurm_cpu, ranks_per_node: 8, memory_gib: 256}  # + gpu_mem_gib (GPUs)
 
 Axes and the keys they set: ``ranks`` (world size W, the launcher's N), ``nodes``, ``zero``
 (``ds.zero_optimization.stage``), ``offload`` (none | optimizer | param: ``ds.zero_optimization.
@@ -116,6 +116,10 @@ class Cluster:
     """SLURM account."""
     hostfile: str = "launch/hostfile.example"
     """Default hostfile of the hostfile launcher (the script's HOSTFILE overrides it)."""
+    memory_gib: float | None = None
+    """Host memory of one node (GiB): with it, runs for the cluster are planned too."""
+    gpu_mem_gib: float | None = None
+    """Memory of one GPU (GiB) of GPU nodes (slurm_gpu, or hostfile with GPU nodes)."""
 
     def validate(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -126,6 +130,10 @@ class Cluster:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise PdedsError(f"cluster.{key}: must be >= 1, got {v}")
+        for key in ("memory_gib", "gpu_mem_gib"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise PdedsError(f"cluster.{key}: must be > 0 GiB, got {v}; or leave it out")
 
 
 @dataclass
