@@ -418,3 +418,11 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
     off = write_study(tmp_path, "off", axes={"res": [64]}, machine={**tight, "check_memory": False})
     assert main(["study", str(off), "--dry-run"]) == 0
     assert re.search(r"res64 +1 +1 +4 = 2 x 2 x 1 +- +here", capsys.readouterr().out)
+
+
+def test_detected_memory_is_what_is_available(tmp_path):
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
+    assert st.spec.available_memory_gib(str(info)) == 2.0
+    info.write_text("garbage\n")
+    assert st.spec.available_memory_gib(str(info)) > 0  # falls back to physical memory

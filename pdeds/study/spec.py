@@ -40,6 +40,17 @@ STUDY_KEYS = ("name", "base", "kind", "axes", "set", "target", "machine", "clust
 INT_AXES = ("ranks", "nodes", "zero", "res", "micro_batch", "batch")
 
 
+def available_memory_gib(meminfo: str = "/proc/meminfo") -> float:
+    """MemAvailable of ``meminfo`` (Linux), else the physical memory (sysconf), in GiB."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 @dataclass
 class Machine:
     """The machine the study runs on; decides which runs fit here."""
@@ -49,7 +60,7 @@ class Machine:
     gpus: int = 0
     """CUDA devices (ranks go one per GPU when there are any)."""
     memory_gib: float = 0.0
-    """Host memory (GiB)."""
+    """Host memory the study may use (GiB); detected: MemAvailable when the study starts."""
     gpu_mem_gib: float = 0.0
     """Memory of one GPU (GiB); 0 without GPUs."""
     check_memory: bool = True
@@ -58,15 +69,14 @@ class Machine:
 
     @classmethod
     def detect(cls) -> Machine:
-        """Cores from the CPU affinity mask, GPUs and their memory from torch, host memory from
-        sysconf."""
+        """Cores from the CPU affinity mask, GPUs and their memory from torch, host memory as
+        what the kernel says is available now (other jobs' memory is not ours to plan with)."""
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         gpus = torch.cuda.device_count()
         gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpus else 0.0
-        return cls(cores=cores, gpus=gpus, memory_gib=pages / 2**30, gpu_mem_gib=gpu_mem)
+        return cls(cores=cores, gpus=gpus, memory_gib=available_memory_gib(), gpu_mem_gib=gpu_mem)
 
     def validate(self, path: Path) -> None:
         """Raise PdedsError naming the bad ``machine`` key."""
