@@ -30,6 +30,8 @@ from pdeds.optim import OptimConfig
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTINGS = ("none", "lifting")
+REFERENCE_METHODS = ("amg", "gmg", "matrix_free")
+"""``pdeds.physics.reference.METHODS`` (not imported: the config stays free of scipy)."""
 
 
 @dataclass
@@ -116,6 +118,10 @@ class TrainConfig:
     """Seed of the weight initialisation."""
     eval_res: int | None = None
     """Resolution of the held-out evaluation (default problem.res, the finest level)."""
+    reference: str = "amg"
+    """Reference solver of the held-out set (METHOD.md sec. 4): amg (assembled, pyamg, on the
+    host: ~2 KiB per unknown) | gmg (matrix-free CG with a geometric multigrid V-cycle, on the
+    rank's device: ~0.3 KiB per unknown, for large eval_res) | matrix_free (Jacobi-CG)."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (oldest removed first); 0 = keep all."""
     lr_schedule: str = "constant"
@@ -142,6 +148,11 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise PdedsError(
                 f"train.lr_schedule: {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
+            )
+        if self.reference not in REFERENCE_METHODS:
+            raise PdedsError(
+                f"train.reference: {self.reference!r} is not one of "
+                f"{', '.join(REFERENCE_METHODS)}; gmg scales to large eval_res"
             )
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise PdedsError(

@@ -72,7 +72,7 @@ def test_assembled_matrix_matches_element_loop(shape: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------- solutions
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (6, 9), (5, 4, 6), (6, 5, 4)])
+@pytest.mark.parametrize("shape", [(7, 5), (6, 9), (5, 4, 6), (6, 5, 4), (24, 18), (12, 10, 11)])
 @pytest.mark.parametrize("source", ["zero", "field"])
 @pytest.mark.parametrize("method", reference.METHODS)
 def test_solve_is_the_energy_minimiser(shape: tuple[int, ...], source: str, method: str) -> None:

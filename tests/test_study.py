@@ -381,7 +381,7 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
         assert here[r.name].fits == (r.name == "r1_res16")
     cfg64 = resolve(study.base, runs[1].all_overrides(study)).cfg
     e64 = memory.reference_bytes(cfg64)
-    assert e64 == memory.REFERENCE_BYTES_PER_UNKNOWN * 62 * 64**2  # interior unknowns of x1
+    assert e64 == memory.REFERENCE_BYTES_PER_UNKNOWN["amg"] * 62 * 64**2  # free nodes
     assert here["r1_res64"].need >= e64 + memory.RANK_RESIDENT
     # Cluster nodes of 4 GiB take them all; nodes of 0.8 GiB are flagged before submission.
     for node_gib, fits in ((4.0, True), (0.8, False)):

@@ -29,7 +29,8 @@ EXAMPLES = """examples:
 """
 DEFAULTS = {"dim": 3, "modes": 6, "eta": 0.5, "family": "diagonal", "seed": 0, "sobol": False}
 FAMILIES = ("diagonal", "tensor")
-METHODS = ("amg", "matrix_free")
+METHODS = ("amg", "gmg", "matrix_free")
+"""``pdeds.physics.reference.METHODS`` (checked equal in the tests; not imported for speed)."""
 
 
 def add_problem_args(
@@ -73,7 +74,13 @@ def add_problem_args(
 
 def add_solver_args(p: argparse.ArgumentParser) -> None:
     """--method --rtol --f."""
-    p.add_argument("--method", choices=METHODS, default="amg", help="reference solver (amg)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="amg",
+        help="reference solver: amg (assembled, default) | gmg (matrix-free multigrid-CG, GPU, "
+        "large grids) | matrix_free (Jacobi-CG)",
+    )
     p.add_argument(
         "--rtol", type=float, default=1e-10, help="relative residual of the solve (1e-10)"
     )
@@ -213,7 +220,7 @@ def _solve_one(nu: Any, f: float, rtol: float, method: str, n: int, k: int) -> t
     except RuntimeError as err:
         raise PdedsError(
             f"res {n}, sample {k}: {err}; loosen --rtol or try --method "
-            f"{'matrix_free' if method == 'amg' else 'amg'}"
+            f"{'gmg' if method == 'amg' else 'amg'}"
         ) from None
     return u, stats[0]
 
@@ -241,7 +248,7 @@ def build_file(
         nu: store nu at every resolution.
         reference: store reference solutions and timings at every resolution.
         rtol: solver tolerance.
-        method: "amg" or "matrix_free".
+        method: "amg", "gmg" or "matrix_free" (``pdeds.physics.reference.METHODS``).
         force: overwrite ``out`` (and its sidecars).
         xdmf: write a ParaView sidecar per resolution.
     """

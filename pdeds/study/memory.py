@@ -17,8 +17,8 @@ allocation is spent on it. Per node of R ranks:
   against ``(1 - RESERVE)`` x the node's memory, where R0 is the resident size of an idle rank
   (Python, torch, DeepSpeed; ``RANK_RESIDENT``), H the host-side states of the node (offloaded
   states, DeepSpeed's fp32 model copies), E the assembled AMG reference solve at the evaluation
-  resolution (``REFERENCE_BYTES_PER_UNKNOWN`` per unknown; 0 when ``data.val_path`` holds the
-  references) and 1.1 the measured ``CPU_SLACK``.
+  resolution (``REFERENCE_BYTES_PER_UNKNOWN`` per unknown, by ``train.reference``; 0 when
+  ``data.val_path`` holds the references) and 1.1 the measured ``CPU_SLACK``.
 
 ``machine.check_memory: false`` (or ``pdeds study --no-memory-check``) skips all of it.
 """
@@ -37,9 +37,11 @@ RANK_RESIDENT = 0.6 * GiB
 torch, DeepSpeed and the trainer (VmRSS), 0.55 GiB measured as a run's max RSS less its planned M
 (quickstart model, 64^3, micro-batch 2, 1 rank: 1.255 GiB max RSS; torch 2.13 CPU, DeepSpeed
 0.19.8): gloo's buffers, the data, the allocator's cached and fragmented blocks."""
-REFERENCE_BYTES_PER_UNKNOWN = 2048.0
-"""E per unknown: the reference AMG-CG solve's peak RSS less the idle process, measured at 64^3
-((0.75 - 0.30) GB / 254k unknowns = 1.8 KB) and 128^3 ((4.2 - 0.3) GB / 2.06M = 1.9 KB)."""
+REFERENCE_BYTES_PER_UNKNOWN = {"amg": 2048.0, "gmg": 320.0, "matrix_free": 320.0}
+"""E per unknown by ``train.reference``: the solve's peak RSS less the idle process. AMG-CG
+(assembled): 64^3 (0.75 - 0.30) GB / 254k unknowns = 1.8 KB, 128^3 (4.2 - 0.3) GB / 2.06M =
+1.9 KB. GMG-CG (matrix-free, float64 fields): 128^3 (0.95 - 0.37) GiB / 2.06M = 0.30 KB; Jacobi-CG
+holds fewer fields than that."""
 RESERVE = 0.1
 """Fraction of the machine's memory left to the OS and other processes."""
 CPU_SLACK = 0.1
@@ -105,7 +107,8 @@ def reference_bytes(cfg: Any) -> float:
     if cfg.data.val_path:
         return 0.0
     n = cfg.train.eval_res or cfg.problem.res
-    return REFERENCE_BYTES_PER_UNKNOWN * float(n) ** (cfg.problem.dim - 1) * (n - 2)
+    per = REFERENCE_BYTES_PER_UNKNOWN[cfg.train.reference]
+    return per * float(n) ** (cfg.problem.dim - 1) * (n - 2)
 
 
 def plan_run(resolved: Any, place: Nodes, calibration: Any, name: str = "") -> MemoryFit:
