@@ -25,9 +25,11 @@ touched beyond its inputs, the gradient output included. It is measured twice:
 On CUDA (``--device cuda``) both are torch.cuda.max_memory_allocated() - memory_allocated().
 "Fields" divides a peak by one float32 field of the batch (batch * n^3 * 4 bytes).
 
-Reference solve: one sample per size, ``reference.solve_with_stats(nu, method="amg")`` with
-rtol 1e-10, float64, reporting assembly, AMG setup and preconditioned-CG times, also in a
-fresh subprocess per size (its peak RSS is reported too).
+Reference solve: one sample per size and method (``--methods``, default amg and gmg),
+``reference.solve_with_stats(nu, method=...)`` with rtol 1e-10, float64, reporting assembly,
+preconditioner setup (AMG hierarchy / V-cycle levels and coarse factor) and preconditioned-CG
+times, also in a fresh subprocess per size and method (its peak RSS is reported too). gmg runs
+on ``--device``; amg always on the host.
 """
 
 from __future__ import annotations
@@ -123,18 +125,22 @@ def energy_worker(n: int, batch: int, repeats: int, device: str) -> dict:
     )
 
 
-def reference_worker(n: int) -> dict:
-    """Timings of one AMG-CG reference solve at n^3, in this (fresh) process."""
+def reference_worker(n: int, method: str, device: str) -> dict:
+    """Timings of one reference solve at n^3 by ``method``, in this (fresh) process."""
     import torch
 
     from pdeds.physics import reference
 
     nu = _nu(n, 1, torch.float64)
+    if method != "amg":
+        nu = nu.to(device)
     t0 = time.perf_counter()
-    _, stats = reference.solve_with_stats(nu, method="amg")
+    _, stats = reference.solve_with_stats(nu, method=method)
     total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(n=n, total_s=total, peak_rss_bytes=peak, **stats[0])
+    if nu.is_cuda:
+        peak = torch.cuda.max_memory_allocated()
+    return dict(n=n, method=method, total_s=total, peak_rss_bytes=peak, **stats[0])
 
 
 def _run_worker(args: list[str], env_extra: dict[str, str] | None = None) -> dict:
@@ -170,13 +176,14 @@ def energy_table(rows: list[dict]) -> str:
 
 def reference_table(rows: list[dict]) -> str:
     lines = [
-        "| grid | unknowns | assembly (s) | AMG setup (s) | CG (s) | iterations "
-        "| rel. residual | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| grid | method | unknowns | assembly (s) | setup (s) | CG (s) | iterations "
+        "| rel. residual | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['n']}^3 | {(r['n'] - 2) * r['n'] ** 2} | {r['assembly_s']:.2f} | "
+            f"| {r['n']}^3 | {r['method']} | {(r['n'] - 2) * r['n'] ** 2} | "
+            f"{r['assembly_s']:.2f} | "
             f"{r['setup_s']:.2f} | {r['solve_s']:.2f} | {r['iterations']} | "
             f"{r['residual']:.1e} | {r['peak_rss_bytes'] / MiB:.0f} |"
         )
@@ -191,6 +198,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference solves")
     parser.add_argument("--no-energy", action="store_true", help="skip the energy benchmark")
+    parser.add_argument(
+        "--methods", nargs="+", default=["amg", "gmg"], help="reference methods (amg gmg)"
+    )
     parser.add_argument("--worker", choices=["energy", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -199,7 +209,8 @@ def main() -> None:
         print(MARK + json.dumps(result), flush=True)
         return
     if args.worker == "reference":
-        print(MARK + json.dumps(reference_worker(args.sizes[0])), flush=True)
+        result = reference_worker(args.sizes[0], args.methods[0], args.device)
+        print(MARK + json.dumps(result), flush=True)
         return
 
     if not args.no_energy:
@@ -238,9 +249,12 @@ def main() -> None:
     if not args.no_reference:
         rows = []
         for n in args.sizes:
-            rows.append(_run_worker(["--worker", "reference", "--sizes", str(n)]))
-            print(f"reference {n}^3 done in {rows[-1]['total_s']:.1f} s", file=sys.stderr)
-        print("## reference solve (AMG-preconditioned CG, float64, rtol 1e-10, 1 sample)\n")
+            for method in args.methods:
+                worker = ["--worker", "reference", "--sizes", str(n), "--methods", method]
+                rows.append(_run_worker([*worker, "--device", args.device]))
+                done = rows[-1]["total_s"]
+                print(f"reference {n}^3 {method} done in {done:.1f} s", file=sys.stderr)
+        print("## reference solve (preconditioned CG, float64, rtol 1e-10, 1 sample)\n")
         print(reference_table(rows))
 
 
