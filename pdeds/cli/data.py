@@ -213,10 +213,16 @@ def _write_resolution(
 
 
 def _solve_one(nu: Any, f: float, rtol: float, method: str, n: int, k: int) -> tuple[Any, dict]:
+    """One reference solve; the matrix-free methods run on the GPU when there is one."""
+    import torch
+
     from pdeds.physics.reference import solve_with_stats
 
+    if method != "amg" and torch.cuda.is_available():
+        nu = nu.cuda()
     try:
         u, stats = solve_with_stats(nu, f, rtol=rtol, method=method)
+        u = u.cpu()
     except RuntimeError as err:
         raise PdedsError(
             f"res {n}, sample {k}: {err}; loosen --rtol or try --method "
