@@ -121,7 +121,7 @@ class TrainConfig:
     reference: str = "amg"
     """Reference solver of the held-out set (METHOD.md sec. 4): amg (assembled, pyamg, on the
     host: ~2 KiB per unknown) | gmg (matrix-free CG with a geometric multigrid V-cycle, on the
-    rank's device: ~0.3 KiB per unknown, for large eval_res) | matrix_free (Jacobi-CG)."""
+    rank's device: ~0.4 KiB per unknown, for large eval_res) | matrix_free (Jacobi-CG)."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (oldest removed first); 0 = keep all."""
     lr_schedule: str = "constant"

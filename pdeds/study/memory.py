@@ -37,11 +37,11 @@ RANK_RESIDENT = 0.6 * GiB
 torch, DeepSpeed and the trainer (VmRSS), 0.55 GiB measured as a run's max RSS less its planned M
 (quickstart model, 64^3, micro-batch 2, 1 rank: 1.255 GiB max RSS; torch 2.13 CPU, DeepSpeed
 0.19.8): gloo's buffers, the data, the allocator's cached and fragmented blocks."""
-REFERENCE_BYTES_PER_UNKNOWN = {"amg": 2048.0, "gmg": 320.0, "matrix_free": 320.0}
+REFERENCE_BYTES_PER_UNKNOWN = {"amg": 2048.0, "gmg": 384.0, "matrix_free": 384.0}
 """E per unknown by ``train.reference``: the solve's peak RSS less the idle process. AMG-CG
 (assembled): 64^3 (0.75 - 0.30) GB / 254k unknowns = 1.8 KB, 128^3 (4.2 - 0.3) GB / 2.06M =
-1.9 KB. GMG-CG (matrix-free, float64 fields): 128^3 (0.95 - 0.37) GiB / 2.06M = 0.30 KB; Jacobi-CG
-holds fewer fields than that."""
+1.9 KB. GMG-CG (float64 CG around a float32 V-cycle): 128^3 (969 - ~300) MiB / 2.06M = 0.34 KB,
+64^3 (360 - ~300) MiB / 254k = 0.25 KB. Jacobi-CG holds no more than that."""
 RESERVE = 0.1
 """Fraction of the machine's memory left to the OS and other processes."""
 CPU_SLACK = 0.1
