@@ -1,6 +1,6 @@
 """Reference FEM solutions of the discrete problem (METHOD.md sec. 4).
 
-Two paths to the minimiser of J_h over nodal vectors with the Dirichlet values:
+Three paths to the minimiser of J_h over nodal vectors with the Dirichlet values:
 
 - ``"amg"``: assemble K and F (scipy.sparse, same 2-point Gauss rule as ``fem.energy``),
   eliminate the Dirichlet rows and solve K_ff U_f = F_f - K_fd U_d by conjugate gradients
@@ -11,7 +11,7 @@ Two paths to the minimiser of J_h over nodal vectors with the Dirichlet values:
 - ``"gmg"``: the same CG preconditioned by a geometric multigrid V-cycle (``pdeds.physics.gmg``):
   matrix-free too, with an iteration count that stays nearly flat as the grid grows.
 
-Both stop at a relative residual ||r|| / ||b|| <= rtol and agree to ~rtol * cond(K).
+All stop at a relative residual ||r|| / ||b|| <= rtol and agree to ~rtol * cond(K).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ allocation is spent on it. Per node of R ranks:
 
   against ``(1 - RESERVE)`` x the node's memory, where R0 is the resident size of an idle rank
   (Python, torch, DeepSpeed; ``RANK_RESIDENT``), H the host-side states of the node (offloaded
-  states, DeepSpeed's fp32 model copies), E the assembled AMG reference solve at the evaluation
+  states, DeepSpeed's fp32 model copies), E the held-out reference solve at the evaluation
   resolution (``REFERENCE_BYTES_PER_UNKNOWN`` per unknown, by ``train.reference``; 0 when
   ``data.val_path`` holds the references) and 1.1 the measured ``CPU_SLACK``.
 
@@ -33,7 +33,7 @@ from pdeds.study.expansion import Run
 from pdeds.study.spec import Study
 
 RANK_RESIDENT = 0.6 * GiB
-"""R: resident memory of one rank outside what the planner's M counts: 0.29 GiB after importing
+"""R0: resident memory of one rank outside what the planner's M counts: 0.29 GiB after importing
 torch, DeepSpeed and the trainer (VmRSS), 0.55 GiB measured as a run's max RSS less its planned M
 (quickstart model, 64^3, micro-batch 2, 1 rank: 1.255 GiB max RSS; torch 2.13 CPU, DeepSpeed
 0.19.8): gloo's buffers, the data, the allocator's cached and fragmented blocks."""
@@ -48,7 +48,7 @@ CPU_SLACK = 0.1
 """On CPU, M is taken 10% larger: torch's allocation peak of a step measured 4.6-4.7% above the
 plan at 64^3 and 96^3 (`pdeds plan launch/configs/quickstart.yaml --check 64,96`), and the
 process's max RSS holds freed blocks beyond that (max RSS - allocation peak: 0.59 GiB at 64^3,
-0.78 GiB at 96^3, against R = 0.6 GiB)."""
+0.78 GiB at 96^3, against R0 = 0.6 GiB)."""
 
 
 @dataclass(frozen=True)
