@@ -38,6 +38,17 @@ def test_launch_local_two_ranks_then_eval_and_predict(tmp_path):
     scores = json.loads((run / "eval_res16.json").read_text())
     assert scores["samples"] == 2 and 0 < scores["val_rel_l2_mean"] < 1
     assert abs(scores["val_rel_l2_mean"] - summary["val_rel_l2_mean"]) < 1e-6
+    # The same run scored at 24^3 against the multigrid-CG reference, then (fresh cache) AMG.
+    g = pdeds("eval", str(run), "--samples", "2", "--res", "24", "--reference", "gmg")
+    assert g.returncode == 0 and "reference (multigrid-CG)" in g.stdout, g.stderr
+    by_gmg = json.loads((run / "eval_res24.json").read_text())
+    assert by_gmg["reference"] == "gmg"
+    for cached in (run / "cache").glob("*res24*"):
+        cached.unlink()
+    a = pdeds("eval", str(run), "--samples", "2", "--res", "24")
+    assert a.returncode == 0, a.stderr
+    by_amg = json.loads((run / "eval_res24.json").read_text())
+    assert abs(by_gmg["val_rel_l2_mean"] - by_amg["val_rel_l2_mean"]) < 1e-7
 
     out = tmp_path / "pred.h5"
     p = pdeds(
