@@ -96,7 +96,7 @@ def test_every_layer_offers_the_same_methods_and_eval_can_use_gmg():
     from pdeds.study import memory
 
     assert data.METHODS == REFERENCE_METHODS == reference.METHODS
-    assert set(memory.REFERENCE_BYTES_PER_UNKNOWN) == set(reference.METHODS)
+    assert set(reference.BYTES_PER_UNKNOWN) == set(reference.METHODS)
     cfg = resolve("launch/configs/quickstart.yaml", ["train.reference=gmg"]).cfg
     assert memory.reference_bytes(cfg) == 384.0 * 30 * 32**2
     with pytest.raises(PdedsError, match="train.reference: 'pyamg' is not one of amg, gmg"):
@@ -119,3 +119,27 @@ def test_held_out_references_by_gmg_equal_amg(tmp_path):
         for m in ("amg", "gmg")
     }
     assert float((sets["amg"].u_ref - sets["gmg"].u_ref).abs().max()) < 1e-8
+
+
+def test_solves_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """pdeds solve / data and the trainer's start-up check compare the reference solve's memory
+    (reference.solve_memory) with what the machine has, and name the way out."""
+    from pdeds.cli import main
+    from pdeds.plan import hardware
+
+    monkeypatch.setattr(hardware, "available_memory_gib", lambda: 0.03)  # 27.6 MiB usable
+    out = tmp_path / "ref.h5"
+    args = ["solve", "--seed", "0", "--samples", "1", "--dim", "3", "--out", str(out)]
+    # amg at 33^3: 2 KiB x 31 x 33^2 = 66 MiB; gmg: 12.4 MiB.
+    assert main([*args, "--res", "33"]) == 2
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert main([*args, "--res", "33", "--method", "gmg"]) == 0 and out.is_file()
+    assert reference.memory_problem((33, 33, 33), "gmg", 0.03 * 2**30) is None
+    why = reference.memory_problem((33, 33, 33), "amg", 0.03 * 2**30)
+    assert "amg reference solve at 33x33x33 needs ~0.1 GiB" in why and "gmg needs" in why
+
+    run = tmp_path / "run"
+    check = ["train", "launch/configs/quickstart.yaml", "--run-dir", str(run), "--check-only"]
+    assert main(check) == 2  # eval at 32^3 with amg: 60 MiB
+    assert not run.exists()
+    assert main([*check, "--set", "train.reference=gmg"]) == 0

@@ -381,7 +381,7 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
         assert here[r.name].fits == (r.name == "r1_res16")
     cfg64 = resolve(study.base, runs[1].all_overrides(study)).cfg
     e64 = memory.reference_bytes(cfg64)
-    assert e64 == memory.REFERENCE_BYTES_PER_UNKNOWN["amg"] * 62 * 64**2  # free nodes
+    assert e64 == 2048.0 * 62 * 64**2  # reference.BYTES_PER_UNKNOWN["amg"] x free nodes
     assert here["r1_res64"].need >= e64 + memory.RANK_RESIDENT
     # Cluster nodes of 4 GiB take them all; nodes of 0.8 GiB are flagged before submission.
     for node_gib, fits in ((4.0, True), (0.8, False)):
@@ -421,8 +421,10 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
 
 
 def test_detected_memory_is_what_is_available(tmp_path):
+    from pdeds.plan.hardware import available_memory_gib
+
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")
-    assert st.spec.available_memory_gib(str(info)) == 2.0
+    assert available_memory_gib(str(info)) == 2.0
     info.write_text("garbage\n")
-    assert st.spec.available_memory_gib(str(info)) > 0  # falls back to physical memory
+    assert available_memory_gib(str(info)) > 0  # falls back to physical memory

@@ -153,6 +153,21 @@ def check_solver(args: argparse.Namespace) -> None:
         raise PdedsError(f"--f must be a finite number, got {args.f}; e.g. --f 0.0")
 
 
+def check_solve_memory(dim: int, res: Sequence[int], method: str) -> None:
+    """Refuse, before any file is touched, a reference solve that would not fit this machine:
+    amg in host memory, the matrix-free methods on the GPU when there is one."""
+    import torch
+
+    from pdeds.physics.reference import memory_problem
+    from pdeds.plan.hardware import available_bytes
+
+    available = available_bytes(method != "amg" and torch.cuda.is_available())
+    why = memory_problem((max(res),) * dim, method, available)
+    if why is not None:
+        fix = "--method gmg or a smaller --res" if method == "amg" else "a smaller --res"
+        raise PdedsError(f"--res {max(res)}: {why}; use {fix}")
+
+
 def xdmf_path(out: Path, n: int) -> Path:
     """Sidecar name for resolution n of ``out``: ``<stem>_res{n}.xdmf`` beside it."""
     return out.with_name(f"{out.stem}_res{n}.xdmf")
@@ -261,6 +276,8 @@ def build_file(
     from pdeds.data import hdf5
     from pdeds.data.xdmf import write_xdmf
 
+    if reference:
+        check_solve_memory(int(meta["dim"]), res, method)
     out = hdf5.check_output(out, force=force)
     sidecars = {n: xdmf_path(out, n) for n in res} if xdmf else {}
     for path in sidecars.values():

@@ -17,6 +17,7 @@ All stop at a relative residual ||r|| / ||b|| <= rtol and agree to ~rtol * cond(
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import numpy as np
@@ -26,6 +27,36 @@ import torch
 from pdeds.physics import fem, gmg
 
 METHODS = ("amg", "gmg", "matrix_free")
+BYTES_PER_UNKNOWN = {"amg": 2048.0, "gmg": 384.0, "matrix_free": 384.0}
+"""Peak memory of one sample's solve per unknown, beyond the idle process (max RSS on CPU).
+amg (assembled K, pyamg hierarchy): 64^3 (0.75 - 0.30) GB / 254k unknowns = 1.8 KB, 128^3
+(4.2 - 0.3) GB / 2.06M = 1.9 KB. gmg (float64 CG around a float32 V-cycle): 128^3 (969 - ~300)
+MiB / 2.06M = 0.34 KB, 256^3 (3.46 - 0.63) GiB / 16.6M = 0.18 KB. Jacobi-CG holds no more."""
+
+
+def solve_memory(shape: tuple[int, ...], method: str) -> float:
+    """Bytes one sample's solve needs on the grid ``shape`` (its free nodes x BYTES_PER_UNKNOWN)."""
+    free = (shape[0] - 2) * math.prod(shape[1:])
+    return BYTES_PER_UNKNOWN[method] * free
+
+
+def memory_problem(shape: tuple[int, ...], method: str, available: float) -> str | None:
+    """Why one sample's solve would not fit in ``available`` bytes (90% of them), or None.
+
+    The message names the need, what is available, and the way out."""
+    need = solve_memory(shape, method)
+    if need <= 0.9 * available:
+        return None
+    grid = "x".join(map(str, shape))
+    other = (
+        ""
+        if method != "amg"
+        else (f"; the matrix-free gmg needs ~{solve_memory(shape, 'gmg') / 2**30:.1f} GiB")
+    )
+    return (
+        f"the {method} reference solve at {grid} needs ~{need / 2**30:.1f} GiB per sample, "
+        f"{available / 2**30:.1f} GiB is available{other}"
+    )
 
 
 def _corner_weights(h: np.ndarray) -> tuple[list[tuple[int, ...]], np.ndarray]:

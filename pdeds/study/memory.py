@@ -17,7 +17,7 @@ allocation is spent on it. Per node of R ranks:
   against ``(1 - RESERVE)`` x the node's memory, where R0 is the resident size of an idle rank
   (Python, torch, DeepSpeed; ``RANK_RESIDENT``), H the host-side states of the node (offloaded
   states, DeepSpeed's fp32 model copies), E the held-out reference solve at the evaluation
-  resolution (``REFERENCE_BYTES_PER_UNKNOWN`` per unknown, by ``train.reference``; 0 when
+  resolution (``reference.solve_memory``, by ``train.reference``; 0 when
   ``data.val_path`` holds the references) and 1.1 the measured ``CPU_SLACK``.
 
 ``machine.check_memory: false`` (or ``pdeds study --no-memory-check``) skips all of it.
@@ -37,11 +37,6 @@ RANK_RESIDENT = 0.6 * GiB
 torch, DeepSpeed and the trainer (VmRSS), 0.55 GiB measured as a run's max RSS less its planned M
 (quickstart model, 64^3, micro-batch 2, 1 rank: 1.255 GiB max RSS; torch 2.13 CPU, DeepSpeed
 0.19.8): gloo's buffers, the data, the allocator's cached and fragmented blocks."""
-REFERENCE_BYTES_PER_UNKNOWN = {"amg": 2048.0, "gmg": 384.0, "matrix_free": 384.0}
-"""E per unknown by ``train.reference``: the solve's peak RSS less the idle process. AMG-CG
-(assembled): 64^3 (0.75 - 0.30) GB / 254k unknowns = 1.8 KB, 128^3 (4.2 - 0.3) GB / 2.06M =
-1.9 KB. GMG-CG (float64 CG around a float32 V-cycle): 128^3 (969 - ~300) MiB / 2.06M = 0.34 KB,
-64^3 (360 - ~300) MiB / 254k = 0.25 KB. Jacobi-CG holds no more than that."""
 RESERVE = 0.1
 """Fraction of the machine's memory left to the OS and other processes."""
 CPU_SLACK = 0.1
@@ -106,9 +101,10 @@ def reference_bytes(cfg: Any) -> float:
     """E: the held-out reference solve's memory, 0 when ``data.val_path`` supplies it."""
     if cfg.data.val_path:
         return 0.0
+    from pdeds.physics.reference import solve_memory
+
     n = cfg.train.eval_res or cfg.problem.res
-    per = REFERENCE_BYTES_PER_UNKNOWN[cfg.train.reference]
-    return per * float(n) ** (cfg.problem.dim - 1) * (n - 2)
+    return solve_memory((n,) * cfg.problem.dim, cfg.train.reference)
 
 
 def plan_run(resolved: Any, place: Nodes, calibration: Any, name: str = "") -> MemoryFit:

@@ -30,6 +30,7 @@ from typing import Any
 
 from pdeds.config import PROJECT_ROOT, build, find_file, load_yaml
 from pdeds.errors import PdedsError
+from pdeds.plan.hardware import available_memory_gib
 
 KINDS = ("strong", "weak", "comparison")
 AXES = ("ranks", "nodes", "zero", "offload", "res", "micro_batch", "batch", "optimizer", "cycle")
@@ -38,17 +39,6 @@ OFFLOADS = ("none", "optimizer", "param")
 LAUNCHERS = ("slurm_cpu", "slurm_gpu", "hostfile")
 STUDY_KEYS = ("name", "base", "kind", "axes", "set", "target", "machine", "cluster")
 INT_AXES = ("ranks", "nodes", "zero", "res", "micro_batch", "batch")
-
-
-def available_memory_gib(meminfo: str = "/proc/meminfo") -> float:
-    """MemAvailable of ``meminfo`` (Linux), else the physical memory (sysconf), in GiB."""
-    try:
-        for line in Path(meminfo).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / 2**30
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 @dataclass

@@ -72,6 +72,29 @@ def _solve(cfg: ExperimentConfig, coeffs: np.ndarray, res: int) -> tuple[torch.T
     return u, per
 
 
+def held_out_memory_problem(cfg: ExperimentConfig, cache_dir: Path | None) -> str | None:
+    """Why rank 0 could not solve the held-out references (host memory for amg, its GPU for the
+    matrix-free methods), or None: they come from data.val_path or the cache, or they fit."""
+    from pdeds.plan.hardware import available_bytes
+
+    res = cfg.train.eval_res or cfg.problem.res
+    cached = (
+        cache_dir is not None
+        and (cache_dir / f"heldout_{_cache_key(cfg, res, cfg.data.val_samples)}.h5").is_file()
+    )
+    if cfg.data.val_path is not None or cached:
+        return None
+    method = cfg.train.reference
+    available = available_bytes(method != "amg" and torch.cuda.is_available())
+    why = reference.memory_problem((res,) * cfg.problem.dim, method, available)
+    if why is None:
+        return None
+    return (
+        f"train.eval_res {res}: {why}; set train.reference: gmg, a smaller train.eval_res, or "
+        "data.val_path (references solved offline with `pdeds solve`)"
+    )
+
+
 def load_held_out(
     cfg: ExperimentConfig, res: int, cache_dir: Path | None, samples: int | None = None
 ) -> HeldOut:

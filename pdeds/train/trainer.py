@@ -32,7 +32,7 @@ from pdeds.optim import client_optimizer, engine_step
 from pdeds.train import checkpoint, rundir
 from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
 from pdeds.train.engine import build_engine, device, init_distributed
-from pdeds.train.evaluate import evaluate, load_held_out
+from pdeds.train.evaluate import evaluate, held_out_memory_problem, load_held_out
 from pdeds.train.hook import LevelHook
 from pdeds.train.loss import micro_batch_loss
 from pdeds.train.monitor import Monitor, peak_memory_mb
@@ -83,14 +83,15 @@ def preflight(
     res: Resolved, run_dir: Path, world: int, *, resume: str | None = None, force: bool = False
 ) -> str:
     """What ``train`` checks before any rank builds an engine, for ``world`` ranks, leaving
-    ``run_dir`` untouched: the batch sizes, the training data, the visit plan, the run directory
-    and the checkpoint to resume. Launchers run it once (``pdeds train --check-only --ranks N``)
-    so that a bad input is one error before N ranks start, not N errors after. Returns a line
-    describing the run."""
+    ``run_dir`` untouched: the batch sizes, the training data, the visit plan, the run directory,
+    whether rank 0 can solve the held-out references, and the checkpoint to resume. Launchers
+    run it once (``pdeds train --check-only --ranks N``) so that a bad input is one error before
+    N ranks start, not N errors after. Returns a line describing the run."""
     g, mb, acc = batch_sizes(res.ds, world)
     coeffs = training_coeffs(res)
     visits = visits_for(res, world, len(coeffs))
     why = rundir.verdict(run_dir, dump_yaml(res.cfg), resume, force)
+    why = why or held_out_memory_problem(res.cfg, run_dir / "cache")
     if why is not None:
         raise PdedsError(why)
     ckpt = checkpoint.resolve_resume(run_dir, resume)
@@ -110,6 +111,8 @@ def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: boo
     g, mb, _ = batch_sizes(res.ds, world)
     coeffs = training_coeffs(res)
     visits = visits_for(res, world, len(coeffs))
+    if world == 1 and (why := held_out_memory_problem(cfg, run_dir / "cache")):
+        raise PdedsError(why)  # with more ranks the launchers' check (preflight) says it
     config_text = dump_yaml(cfg)
     rundir.prepare(run_dir, config_text, resume, force)
     ckpt_path = checkpoint.resolve_resume(run_dir, resume)
