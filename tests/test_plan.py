@@ -233,6 +233,21 @@ def test_levels_of_a_multigrid_schedule_each_get_their_micro_batch():
     assert finest.device_total == max(lv.device_total for lv in p.levels)
 
 
+def test_the_plan_names_the_held_out_reference_solve():
+    cal = synthetic_calibration(1e3, 4e2)
+    for over, want in (
+        ([], "amg at 32^3: ~60 MiB per sample on its host"),  # 2 KiB x 30 x 32^2
+        (
+            ["train.reference=gmg", "train.eval_res=64"],
+            "gmg at 64^3: ~93 MiB per sample on its device",
+        ),
+    ):
+        notes = plan.make_plan(resolve(QUICKSTART, over), plan.Hardware(), cal).notes
+        assert any(want in n for n in notes), notes
+    with_file = resolve(QUICKSTART, ["data.val_path=launch/configs/quickstart.yaml"])
+    assert not any("held-out" in n for n in plan.make_plan(with_file, plan.Hardware(), cal).notes)
+
+
 # ---- the CLI -----------------------------------------------------------------------------------
 
 

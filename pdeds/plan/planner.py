@@ -56,4 +56,15 @@ def make_plan(
     )
     plan.recommendations = recommend(plan, setup, params, largest, opt, levels, cfg)
     plan.notes = plan_notes(plan, calibration)
+    if cfg.data.val_path is None:
+        from pdeds.physics.reference import solve_memory
+        from pdeds.plan.table import fmt_bytes
+
+        n, method = cfg.train.eval_res or cfg.problem.res, cfg.train.reference
+        where = "host" if method == "amg" else "device"
+        need = fmt_bytes(solve_memory((n,) * dim, method))
+        plan.notes.append(
+            f"held-out references: rank 0 solves them once before training ({method} at {n}^{dim}:"
+            f" ~{need} per sample on its {where}; train.reference, train.eval_res, data.val_path)"
+        )
     return plan
