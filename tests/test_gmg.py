@@ -143,4 +143,3 @@ def test_solves_that_cannot_fit_are_refused_before_anything_is_written(tmp_path,
     assert main(check) == 2  # eval at 32^3 with amg: 60 MiB
     assert not run.exists()
     assert main([*check, "--set", "train.reference=gmg"]) == 0
-
