@@ -30,8 +30,7 @@ from pdeds.optim import OptimConfig
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTINGS = ("none", "lifting")
-REFERENCE_METHODS = ("amg", "gmg", "matrix_free")
-"""``pdeds.physics.reference.METHODS`` (not imported: the config stays free of scipy)."""
+REFERENCE_METHODS = ("amg", "gmg", "matrix_free")  # physics.reference.METHODS, without scipy
 
 
 @dataclass
@@ -119,9 +118,8 @@ class TrainConfig:
     eval_res: int | None = None
     """Resolution of the held-out evaluation (default problem.res, the finest level)."""
     reference: str = "amg"
-    """Reference solver of the held-out set (METHOD.md sec. 4): amg (assembled, pyamg, on the
-    host: ~2 KiB per unknown) | gmg (matrix-free CG with a geometric multigrid V-cycle, on the
-    rank's device: ~0.4 KiB per unknown, for large eval_res) | matrix_free (Jacobi-CG)."""
+    """Held-out reference solver (METHOD.md sec. 4): amg (assembled, host, ~2 KiB per unknown) |
+    gmg (matrix-free multigrid CG, device, ~0.4 KiB: large eval_res) | matrix_free (Jacobi)."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (oldest removed first); 0 = keep all."""
     lr_schedule: str = "constant"
