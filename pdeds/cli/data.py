@@ -156,13 +156,9 @@ def check_solver(args: argparse.Namespace) -> None:
 def check_solve_memory(dim: int, res: Sequence[int], method: str) -> None:
     """Refuse, before any file is touched, a reference solve that would not fit this machine:
     amg in host memory, the matrix-free methods on the GPU when there is one."""
-    import torch
-
     from pdeds.physics.reference import memory_problem
-    from pdeds.plan.hardware import available_bytes
 
-    available = available_bytes(method != "amg" and torch.cuda.is_available())
-    why = memory_problem((max(res),) * dim, method, available)
+    why = memory_problem((max(res),) * dim, method)
     if why is not None:
         fix = "--method gmg or a smaller --res" if method == "amg" else "a smaller --res"
         raise PdedsError(f"--res {max(res)}: {why}; use {fix}")

@@ -40,10 +40,18 @@ def solve_memory(shape: tuple[int, ...], method: str) -> float:
     return BYTES_PER_UNKNOWN[method] * free
 
 
-def memory_problem(shape: tuple[int, ...], method: str, available: float) -> str | None:
+def memory_problem(
+    shape: tuple[int, ...], method: str, available: float | None = None
+) -> str | None:
     """Why one sample's solve would not fit in ``available`` bytes (90% of them), or None.
 
-    The message names the need, what is available, and the way out."""
+    ``available`` defaults to what is free where the method runs here: host memory for amg, the
+    GPU for the matrix-free methods when there is one. The message names the need, what is
+    available, and the way out."""
+    if available is None:
+        from pdeds.plan.hardware import available_bytes
+
+        available = available_bytes(method != "amg" and torch.cuda.is_available())
     need = solve_memory(shape, method)
     if need <= 0.9 * available:
         return None

@@ -75,8 +75,6 @@ def _solve(cfg: ExperimentConfig, coeffs: np.ndarray, res: int) -> tuple[torch.T
 def held_out_memory_problem(cfg: ExperimentConfig, cache_dir: Path | None) -> str | None:
     """Why rank 0 could not solve the held-out references (host memory for amg, its GPU for the
     matrix-free methods), or None: they come from data.val_path or the cache, or they fit."""
-    from pdeds.plan.hardware import available_bytes
-
     res = cfg.train.eval_res or cfg.problem.res
     cached = (
         cache_dir is not None
@@ -84,9 +82,7 @@ def held_out_memory_problem(cfg: ExperimentConfig, cache_dir: Path | None) -> st
     )
     if cfg.data.val_path is not None or cached:
         return None
-    method = cfg.train.reference
-    available = available_bytes(method != "amg" and torch.cuda.is_available())
-    why = reference.memory_problem((res,) * cfg.problem.dim, method, available)
+    why = reference.memory_problem((res,) * cfg.problem.dim, cfg.train.reference)
     if why is None:
         return None
     return (
