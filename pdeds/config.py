@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from pdeds import dsconfig
+from pdeds.dsconfig import DeepSpeedView
 from pdeds.errors import PdedsError
 from pdeds.models.unet import UNetConfig
 from pdeds.multigrid import ScheduleConfig, Visit, plan
@@ -378,6 +380,8 @@ class Resolved:
     cfg: ExperimentConfig
     ds: dict[str, Any]
     ds_path: Path
+    view: DeepSpeedView
+    """The typed view of ``ds`` (``pdeds.dsconfig.read``)."""
 
 
 def resolve(
@@ -412,58 +416,17 @@ def resolve(
     for parts, value in ds_overrides:
         _set_path(ds, parts, value)
     cfg.validate()
+    view = dsconfig.read(ds)  # unknown or invalid DeepSpeed keys, up front
     from pdeds.optim import prepare_ds_config
 
     prepare_ds_config(cfg.optim, ds)  # optimizer vs ZeRO stage / offload / precision, up front
-    return Resolved(cfg=cfg, ds=ds, ds_path=ds_path)
-
-
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    return Resolved(cfg=cfg, ds=ds, ds_path=ds_path, view=view)
 
 
 def batch_sizes(ds: dict[str, Any], world: int) -> tuple[int, int, int]:
-    """(global batch, micro-batch per rank, accumulation steps) as DeepSpeed will derive them.
-
-    Checks train_batch_size = micro x accumulation x world before DeepSpeed does, and says
-    which key to change.
-    """
-    g = ds.get("train_batch_size")
-    mb = ds.get("train_micro_batch_size_per_gpu")
-    acc = ds.get("gradient_accumulation_steps")
-    for k, v in zip(BATCH_KEYS, (g, mb, acc)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise PdedsError(f"ds.{k}: must be a positive integer, got {v!r}")
-    if g is None and mb is None:
-        raise PdedsError(
-            "the DeepSpeed config sets neither train_batch_size nor "
-            "train_micro_batch_size_per_gpu; set at least one (e.g. --set ds.train_batch_size=8)"
-        )
-    if g is not None and mb is not None and acc is not None:
-        if g != mb * acc * world:
-            raise PdedsError(
-                f"batch sizes do not multiply out: train_batch_size {g} != micro-batch {mb} x "
-                f"accumulation {acc} x {world} rank(s) = {mb * acc * world}; change "
-                f"ds.train_batch_size to {mb * acc * world} or ds.gradient_accumulation_steps"
-            )
-        return g, mb, acc
-    if g is not None and mb is not None:
-        if g % (mb * world):
-            raise PdedsError(
-                f"train_batch_size {g} is not divisible by micro-batch {mb} x {world} rank(s); "
-                f"change ds.train_batch_size to a multiple of {mb * world}"
-            )
-        return g, mb, g // (mb * world)
-    if g is not None:
-        acc = acc or 1
-        if g % (acc * world):
-            raise PdedsError(
-                f"train_batch_size {g} is not divisible by accumulation {acc} x {world} rank(s); "
-                f"change ds.train_batch_size to a multiple of {acc * world} or run on a "
-                f"rank count that divides it"
-            )
-        return g, g // (acc * world), acc
-    acc = acc or 1
-    return mb * acc * world, mb, acc
+    """(global batch, micro-batch per rank, accumulation steps) as DeepSpeed will derive them
+    for ``world`` ranks (``pdeds.dsconfig.DeepSpeedView.batch_sizes``)."""
+    return dsconfig.read(ds).batch_sizes(world)
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
