@@ -124,8 +124,8 @@ def test_held_out_references_by_gmg_equal_amg(tmp_path):
 def test_solves_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, monkeypatch):
     """pdeds solve / data and the trainer's start-up check compare the reference solve's memory
     (reference.solve_memory) with what the machine has, and name the way out."""
+    from pdeds import machine as hardware
     from pdeds.cli import main
-    from pdeds.plan import hardware
 
     monkeypatch.setattr(hardware, "available_memory_gib", lambda: 0.03)  # 27.6 MiB usable
     out = tmp_path / "ref.h5"

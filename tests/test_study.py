@@ -421,7 +421,7 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
 
 
 def test_detected_memory_is_what_is_available(tmp_path):
-    from pdeds.plan.hardware import available_memory_gib
+    from pdeds.machine import available_memory_gib
 
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n")

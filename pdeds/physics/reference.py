@@ -49,7 +49,7 @@ def memory_problem(
     GPU for the matrix-free methods when there is one. The message names the need, what is
     available, and the way out."""
     if available is None:
-        from pdeds.plan.hardware import available_bytes
+        from pdeds.machine import available_bytes
 
         available = available_bytes(method != "amg" and torch.cuda.is_available())
     need = solve_memory(shape, method)

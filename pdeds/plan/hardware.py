@@ -7,13 +7,10 @@ A rank may use ``usable_bytes = gpu_mem_gib x 2^30 x (1 - reserve)`` bytes.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pdeds.errors import PdedsError
-
-GiB = float(2**30)
+from pdeds.machine import GiB
 
 
 @dataclass(frozen=True)
@@ -53,23 +50,3 @@ class Hardware:
             )
         if not 0.0 <= self.reserve < 1.0:
             raise PdedsError(f"--reserve: must lie in [0, 1), got {self.reserve}; e.g. 0.1")
-
-
-def available_memory_gib(meminfo: str = "/proc/meminfo") -> float:
-    """MemAvailable of ``meminfo`` (Linux), else the physical memory (sysconf), in GiB."""
-    try:
-        for line in Path(meminfo).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / GiB
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB
-
-
-def available_bytes(gpu: bool) -> float:
-    """Free memory now: of the current CUDA device when ``gpu``, else of the host (MemAvailable)."""
-    if gpu:
-        import torch
-
-        return float(torch.cuda.mem_get_info()[0])
-    return available_memory_gib() * GiB

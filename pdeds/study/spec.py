@@ -30,7 +30,7 @@ from typing import Any
 
 from pdeds.config import PROJECT_ROOT, build, find_file, load_yaml
 from pdeds.errors import PdedsError
-from pdeds.plan.hardware import available_memory_gib
+from pdeds.machine import available_memory_gib
 
 KINDS = ("strong", "weak", "comparison")
 AXES = ("ranks", "nodes", "zero", "offload", "res", "micro_batch", "batch", "optimizer", "cycle")

@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from pdeds.machine import free_port
+
 
 class RankFailure(RuntimeError):
     """A spawned rank raised, died or timed out."""
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(body: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue) -> None:

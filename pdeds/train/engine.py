@@ -29,7 +29,7 @@ def device() -> torch.device:
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group; returns (rank, world size)."""
     if "RANK" not in os.environ:
-        from pdeds.testing.distributed import free_port
+        from pdeds.machine import free_port
 
         os.environ.update(
             RANK="0",
