@@ -25,7 +25,7 @@ import yaml
 from pdeds import dsconfig
 from pdeds.dsconfig import DeepSpeedView
 from pdeds.errors import PdedsError
-from pdeds.models.unet import UNetConfig
+from pdeds.models.config import ModelConfig
 from pdeds.multigrid import ScheduleConfig, Visit, plan
 from pdeds.optim import OptimConfig
 
@@ -187,7 +187,7 @@ class ExperimentConfig:
 
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: UNetConfig = field(default_factory=UNetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -207,17 +207,15 @@ class ExperimentConfig:
                 "optim.lr is its first trial step; a schedule would shrink it towards 0. Set "
                 "train.lr_schedule: constant and train.warmup_steps: 0 for optim.name: lbfgs"
             )
-        from pdeds.models.unet import allowed_resolutions
+        from pdeds.models import resolution_problem
 
-        depth = self.model.depth
         levels = self.schedule.resolutions_for(self.problem.res)
         for res in levels + ([self.train.eval_res] if self.train.eval_res else []):
-            if res not in allowed_resolutions(depth, res):
+            why = resolution_problem(self.model, res)
+            if why is not None:
                 raise PdedsError(
-                    f"resolution {res} (problem.res / schedule.resolutions) cannot pass the "
-                    f"U-Net's {depth} 2x downsamplings; use a multiple of {2**depth} that is >= "
-                    f"{2 ** (depth + 1)}, e.g. {allowed_resolutions(depth, 2 ** (depth + 3))}, "
-                    "or change model.depth"
+                    f"problem.res / schedule.resolutions / train.eval_res: {why} (model.arch: "
+                    f"{self.model.arch})"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,7 +46,11 @@ def test_unknown_key_lists_valid_ones():
     "overrides, match",
     [
         (["problem.dim=4"], "problem.dim"),
-        (["problem.res=20"], "resolution 20 .*multiple of 8"),
+        (
+            ["model.arch=unet", "problem.res=20"],
+            "n=20 cannot pass 3 2x downsamplings.*multiple of 8",
+        ),
+        (["problem.res=4"], "n=4 is coarser than the network's core grid of 8 nodes"),
         (["problem.eta=-1"], "problem.eta"),
         (["problem.family=foo"], "problem.family"),
         (["train.steps=0"], "train.steps"),

@@ -30,7 +30,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "curves.json"
 TINY3 = {
     "problem": {"dim": 3, "res": 16, "modes": 6},
     "data": {"train_samples": 10, "val_samples": 2},
-    "model": {"depth": 2, "width": 4, "norm": "group", "groups": 2},
+    "model": {"arch": "unet", "depth": 2, "width": 4, "norm": "group", "groups": 2},
     "optim": {"name": "sgd", "lr": 2.0e-3, "momentum": 0.9},
     "train": {"steps": 4, "eval_every": 0, "checkpoint_every": 0, "log_every": 1},
     "deepspeed": {"config": "ds_configs/zero0.json"},

@@ -62,15 +62,15 @@ def test_launch_local_two_ranks_then_eval_and_predict(tmp_path):
     ET.parse(out.with_suffix(".xdmf"))
     again = pdeds("predict", str(run), "--seed", "5", "--res", "24", "--out", str(out))
     assert again.returncode == 2 and "--force" in again.stderr
-    bad = pdeds("predict", str(run), "--seed", "5", "--res", "18", "--out", str(tmp_path / "x.h5"))
-    assert bad.returncode == 2 and "resolution n=18" in bad.stderr
+    bad = pdeds("predict", str(run), "--seed", "5", "--res", "6", "--out", str(tmp_path / "x.h5"))
+    assert bad.returncode == 2 and "resolution n=6" in bad.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):
     cases = [
         (["train", str(tmp_path / "missing.yaml")], "not found"),
         (["train", str(write_tiny(tmp_path / "a.yaml")), "--set", "model.nrom=x"], "valid keys"),
-        (["train", str(write_tiny(tmp_path / "b.yaml")), "--set", "problem.res=18"], "multiple of"),
+        (["train", str(write_tiny(tmp_path / "b.yaml")), "--set", "problem.res=6"], "core grid"),
         (["train", str(write_tiny(tmp_path / "c.yaml")), "--set", "ds.train_batch_size=3"], "ds."),
         (["eval", str(tmp_path)], "not a pdeds run directory"),
     ]

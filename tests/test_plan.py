@@ -26,7 +26,7 @@ QUICKSTART_PARAMS = 1_779_809
 SMALL = {
     "problem": {"dim": 3, "res": 32, "modes": 6},
     "data": {"train_samples": 8, "val_samples": 2},
-    "model": {"depth": 2, "width": 8, "groups": 4},
+    "model": {"arch": "unet", "depth": 2, "width": 8, "groups": 4},
     "optim": {"name": "adam", "lr": 1.0e-3},
     "deepspeed": {"config": "ds_configs/zero0.json"},
 }

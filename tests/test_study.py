@@ -158,7 +158,7 @@ def test_offload_and_cycle_axes(tmp_path):
         ({"axes": {"zero": [4]}}, "ZeRO stage 4"),
         ({"axes": {"offload": ["nvme"]}}, "'nvme' is not one of"),
         ({"kind": "diagonal"}, "kind 'diagonal'"),
-        ({"axes": {"res": [15]}}, "study run res15: resolution 15"),
+        ({"axes": {"res": [6]}}, "study run res6: .*n=6 is coarser"),
         ({"set": ["optim.lrate=1"]}, "unknown key"),
         ({"axes": {"ranks": [4]}}, "study run r4: 4 ranks do not fit .*cluster.ranks_per_node"),
         ({"cluster": {"launcher": "pbs"}}, "cluster.launcher: 'pbs'"),

@@ -12,7 +12,11 @@ concatenates the encoder's level-s output and applies a block. The 1x1 head star
 an untrained network returns exactly the lifting g = 1 - x1.
 
 Being fully convolutional, the same weights run at every resolution n with n % 2^depth == 0 and
-n / 2^depth >= 2 (the multigrid schedules of METHOD.md sec. 5 rely on this).
+n / 2^depth >= 2, but they do not mean the same operator there: the 3^d kernels act in index
+space (a patch of 3 h) and the coarsest level has n / 2^depth nodes, so both shrink physically
+as n grows. A U-Net trained at n = 32 is barely better than the lifting at 64 and 128 (2-D:
+rel-L2 4.9e-2 at 32, 0.17 at 64, 0.30 at 128). ``pdeds.models.fmg`` is the network that
+transfers; the U-Net stays for comparison and as the core of that network.
 """
 
 from __future__ import annotations
@@ -25,68 +29,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pdeds.errors import PdedsError
-from pdeds.models.norms import NORM_KINDS, make_norm
+from pdeds.models.config import ACTIVATIONS, ModelConfig
+from pdeds.models.norms import make_norm
 from pdeds.physics.fem import apply_dirichlet
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "leaky_relu": nn.LeakyReLU,
-}
-"""The values ``UNetConfig.activation`` accepts."""
 
 
 @dataclass
-class UNetConfig:
-    """Architecture of the U-Net (the ``model`` section of the config)."""
+class UNetConfig(ModelConfig):
+    """A ``model`` section that asks for the U-Net (``arch: unet``)."""
 
-    depth: int = 3
-    """Number of 2x downsamplings (levels below the finest)."""
-    width: int = 16
-    """Channels at the finest level."""
-    growth: float = 2.0
-    """Channel multiplier per level: c_s = round(width * growth^s)."""
-    norm: str = "group"
-    """Normalisation after each conv: batch | sync_batch | instance | group | none."""
-    groups: int = 8
-    """Groups for group norm, lowered to the largest divisor of the channel count."""
-    activation: str = "gelu"
-    """Nonlinearity: gelu | relu | silu | tanh | leaky_relu."""
-    checkpoint: bool = False
-    """Recompute each encoder/decoder stage in backward instead of storing its activations."""
-    blocks: int = 2
-    """(conv, norm, act) triples per stage."""
-
-    def validate(self) -> None:
-        """Raise PdedsError naming the first bad key and the fix."""
-        _require_int(self.depth, "model.depth", 1)
-        _require_int(self.width, "model.width", 1)
-        _require_int(self.groups, "model.groups", 1)
-        _require_int(self.blocks, "model.blocks", 1)
-        if isinstance(self.growth, bool) or not isinstance(self.growth, (int, float)):
-            raise PdedsError(f"model.growth: {self.growth!r} is not a number; use e.g. 2.0")
-        if self.growth <= 0:
-            raise PdedsError(f"model.growth: {self.growth!r} must be > 0; use e.g. 2.0")
-        _require_choice(self.norm, "model.norm", NORM_KINDS)
-        _require_choice(self.activation, "model.activation", tuple(ACTIVATIONS))
-        if not isinstance(self.checkpoint, bool):
-            raise PdedsError(f"model.checkpoint: {self.checkpoint!r} is not a bool; use true/false")
-
-    def channels(self) -> list[int]:
-        """c_s = max(1, round(width * growth^s)) for levels s = 0 .. depth."""
-        return [max(1, round(self.width * self.growth**s)) for s in range(self.depth + 1)]
-
-
-def _require_int(value: object, key: str, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise PdedsError(f"{key}: {value!r} is not an integer >= {least}; set it to one")
-
-
-def _require_choice(value: object, key: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise PdedsError(f"{key}: {value!r} is not one of {', '.join(choices)}; pick one of them")
+    arch: str = "unet"
 
 
 def allowed_resolutions(depth: int, up_to: int) -> list[int]:
@@ -99,9 +51,13 @@ def allowed_resolutions(depth: int, up_to: int) -> list[int]:
     return list(range(2 * step, up_to + 1, step))
 
 
-def _conv(dim: int, cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Module:
+def _conv(
+    dim: int, cin: int, cout: int, kernel: int, stride: int = 1, padding_mode: str = "zeros"
+) -> nn.Module:
     cls = nn.Conv2d if dim == 2 else nn.Conv3d
-    return cls(cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2)
+    return cls(
+        cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2, padding_mode=padding_mode
+    )
 
 
 def _up(dim: int, cin: int, cout: int) -> nn.Module:
@@ -109,12 +65,14 @@ def _up(dim: int, cin: int, cout: int) -> nn.Module:
     return cls(cin, cout, 2, stride=2)
 
 
-def _block(dim: int, cin: int, cout: int, cfg: UNetConfig) -> nn.Sequential:
-    """``cfg.blocks`` x (3^d conv with zero padding, norm, activation)."""
+def _block(
+    dim: int, cin: int, cout: int, cfg: ModelConfig, padding_mode: str = "zeros"
+) -> nn.Sequential:
+    """``cfg.blocks`` x (3^d conv, norm, activation); zero padding unless ``padding_mode``."""
     layers: list[nn.Module] = []
     for i in range(cfg.blocks):
         layers += [
-            _conv(dim, cin if i == 0 else cout, cout, 3),
+            _conv(dim, cin if i == 0 else cout, cout, 3, padding_mode=padding_mode),
             make_norm(cfg.norm, cout, dim, cfg.groups),
             ACTIVATIONS[cfg.activation](),
         ]
@@ -124,7 +82,7 @@ def _block(dim: int, cin: int, cout: int, cfg: UNetConfig) -> nn.Sequential:
 class _UpStage(nn.Module):
     """Decoder stage: upsample level s + 1, concatenate the level-s skip, apply a block."""
 
-    def __init__(self, dim: int, coarse: int, fine: int, cfg: UNetConfig) -> None:
+    def __init__(self, dim: int, coarse: int, fine: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.up = _up(dim, coarse, fine)
         self.block = _block(dim, 2 * fine, fine, cfg)
@@ -133,79 +91,110 @@ class _UpStage(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1))
 
 
-class UNet(nn.Module):
+class UNetBody(nn.Module):
+    """The U-Net's encoder and decoder: (B, cin, n..) features -> (B, c_0, n..) latent.
+
+    The full U-Net adds the input features and the head; the full-multigrid network
+    (``pdeds.models.fmg``) uses a body as its core on the coarse grid.
+    """
+
+    def __init__(self, dim: int, cin: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        if dim not in (2, 3):
+            raise PdedsError(f"dimension {dim} is not supported; use 2 or 3")
+        self.dim = dim
+        self.cfg = cfg
+        c = cfg.channels()
+        self.encoder = nn.ModuleList([_block(dim, cin, c[0], cfg)])
+        for s in range(1, cfg.depth + 1):
+            down = _conv(dim, c[s - 1], c[s], 2, stride=2)
+            self.encoder.append(nn.Sequential(down, _block(dim, c[s], c[s], cfg)))
+        self.decoder = nn.ModuleList(_UpStage(dim, c[s + 1], c[s], cfg) for s in range(cfg.depth))
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder down to level ``depth``, decoder back up with the skips."""
+        skips = []
+        for stage in self.encoder:
+            x = run_stage(stage, self.cfg.checkpoint, x)
+            skips.append(x)
+        skips.pop()
+        for s in reversed(range(self.cfg.depth)):
+            x = run_stage(self.decoder[s], self.cfg.checkpoint, x, skips.pop())
+        return x
+
+
+class UNet(UNetBody):
     """nu (B, 1, n..) -> U (B, 1, n..) with U = 1 on x1 = 0 and U = 0 on x1 = 1 for any weights.
 
     The output is float32 whatever the weights' dtype (float32 or bfloat16): the lifting and
     the energy need more than bf16's 8 mantissa bits.
     """
 
-    def __init__(self, dim: int, cfg: UNetConfig) -> None:
+    def __init__(self, dim: int, cfg: ModelConfig) -> None:
         """Args:
         dim: spatial dimension, 2 (Conv2d) or 3 (Conv3d).
         cfg: architecture; validated here.
         """
-        super().__init__()
-        if dim not in (2, 3):
-            raise PdedsError(f"dimension {dim} is not supported; use 2 or 3")
         cfg.validate()
-        self.dim = dim
-        self.cfg = cfg
-        c = cfg.channels()
-        self.encoder = nn.ModuleList([_block(dim, 1 + dim, c[0], cfg)])
-        for s in range(1, cfg.depth + 1):
-            down = _conv(dim, c[s - 1], c[s], 2, stride=2)
-            self.encoder.append(nn.Sequential(down, _block(dim, c[s], c[s], cfg)))
-        self.decoder = nn.ModuleList(_UpStage(dim, c[s + 1], c[s], cfg) for s in range(cfg.depth))
-        self.head = _conv(dim, c[0], 1, 1)
+        super().__init__(dim, 1 + dim, cfg)
+        self.head = _conv(dim, cfg.channels()[0], 1, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def check_resolution(self, n: int) -> None:
         """Raise PdedsError unless n nodes per axis pass ``depth`` 2x downsamplings."""
-        depth, step = self.cfg.depth, 2**self.cfg.depth
-        if n % step != 0 or n // step < 2:
-            examples = ", ".join(str(step * 2**k) for k in (1, 2, 3))
-            raise PdedsError(
-                f"resolution n={n} cannot pass {depth} 2x downsamplings; use a multiple of "
-                f"{step} that is >= {2 * step} (e.g. {examples})"
-            )
+        why = unet_resolution_problem(self.cfg.depth, n)
+        if why is not None:
+            raise PdedsError(why)
 
     def features(self, nu: torch.Tensor) -> torch.Tensor:
         """[log nu, x_1, .., x_d] computed in float32, cast to the conv weights' dtype."""
-        spatial = tuple(nu.shape[2:])
-        axes = [torch.linspace(0.0, 1.0, n, device=nu.device) for n in spatial]
-        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-        coords = coords.unsqueeze(0).expand(nu.shape[0], -1, *spatial)
-        feats = torch.cat([nu.float().log(), coords], dim=1)
-        return feats.to(self.head.weight.dtype)
+        return input_features(nu).to(self.head.weight.dtype)
 
     def forward(self, nu: torch.Tensor) -> torch.Tensor:
         """U = g + m * w(nu); see the module docstring."""
-        if nu.dim() != self.dim + 2 or nu.shape[1] != 1:
-            raise PdedsError(
-                f"UNet({self.dim}-D) got nu of shape {tuple(nu.shape)}; pass (B, 1"
-                + ", n" * self.dim
-                + ")"
-            )
+        check_input(nu, self.dim, "UNet")
         for n in nu.shape[2:]:
             self.check_resolution(n)
-        x = self.features(nu)
-        skips = []
-        for stage in self.encoder:
-            x = self._run(stage, x)
-            skips.append(x)
-        skips.pop()
-        for s in reversed(range(self.cfg.depth)):
-            x = self._run(self.decoder[s], x, skips.pop())
+        x = self.latent(self.features(nu))
         # The lifting is added in float32: in bf16, 1 - x1 itself would be rounded to 8 bits.
         return apply_dirichlet(self.head(x).float())
 
-    def _run(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-        """Apply a stage, through activation checkpointing when configured and grad is on."""
-        if self.cfg.checkpoint and torch.is_grad_enabled():
-            return checkpoint(_recompute_keeps_stats(stage), *inputs, use_reentrant=False)
-        return stage(*inputs)
+
+def input_features(nu: torch.Tensor) -> torch.Tensor:
+    """[log nu, x_1, .., x_d] in float32, x_a = i_a / (n_a - 1): (B, 1 + d, n..)."""
+    spatial = tuple(nu.shape[2:])
+    axes = [torch.linspace(0.0, 1.0, n, device=nu.device) for n in spatial]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    coords = coords.unsqueeze(0).expand(nu.shape[0], -1, *spatial)
+    return torch.cat([nu.float().log(), coords], dim=1)
+
+
+def check_input(nu: torch.Tensor, dim: int, name: str) -> None:
+    """Raise PdedsError unless nu has shape (B, 1, n..) with ``dim`` spatial axes."""
+    if nu.dim() != dim + 2 or nu.shape[1] != 1:
+        raise PdedsError(
+            f"{name}({dim}-D) got nu of shape {tuple(nu.shape)}; pass (B, 1" + ", n" * dim + ")"
+        )
+
+
+def unet_resolution_problem(depth: int, n: int) -> str | None:
+    """Why n nodes per axis cannot pass ``depth`` 2x downsamplings (None if they can)."""
+    step = 2**depth
+    if n % step == 0 and n // step >= 2:
+        return None
+    examples = ", ".join(str(step * 2**k) for k in (1, 2, 3))
+    return (
+        f"resolution n={n} cannot pass {depth} 2x downsamplings; use a multiple of "
+        f"{step} that is >= {2 * step} (e.g. {examples})"
+    )
+
+
+def run_stage(stage: nn.Module, checkpointed: bool, *inputs: torch.Tensor) -> torch.Tensor:
+    """Apply a stage, through activation checkpointing when asked and grad is on."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(_recompute_keeps_stats(stage), *inputs, use_reentrant=False)
+    return stage(*inputs)
 
 
 def _recompute_keeps_stats(stage: nn.Module) -> Callable[..., torch.Tensor]:
@@ -232,9 +221,11 @@ def _recompute_keeps_stats(stage: nn.Module) -> Callable[..., torch.Tensor]:
     return run
 
 
-def build_model(dim: int, cfg: UNetConfig) -> UNet:
-    """The U-Net for ``dim``-D fields described by ``cfg`` (validated)."""
-    return UNet(dim, cfg)
+def build_model(dim: int, cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg.arch`` names (``pdeds.models.build_model``; kept importable here)."""
+    from pdeds.models import build_model as build
+
+    return build(dim, cfg)
 
 
 def count_parameters(model: nn.Module) -> int:
