@@ -139,7 +139,7 @@ def test_field_writer_resumes_an_unfinished_group(tmp_path):
         read_fields(path, 5)
     with FieldWriter(path, 5, nu=True, u_ref=True, rtol=1e-9, method="amg") as w:
         assert w.written == 1
-        for k in range(w.written, w.samples):
+        for k in w.todo:
             w.write(k, nu=nu[k], u_ref=u[k], stats=stats[k])
     assert read_fields(path, 5)["u_ref"].tobytes() == u.tobytes()
     # Other solver settings: the group is discarded and started again.

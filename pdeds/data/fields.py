@@ -205,7 +205,8 @@ class FieldWriter:
         ]
         if rejected:
             done[rejected] = False
-            self._group[CHECKSUMS][rejected] = NOT_WRITTEN
+            crc[rejected] = NOT_WRITTEN
+            self._group[CHECKSUMS][...] = crc
         if rejected or int(py_value(self._group.attrs["written"])) != int(done.sum()):
             self._group.attrs["written"] = int(done.sum())
             self._group.attrs["complete"] = False
@@ -244,7 +245,7 @@ class FieldWriter:
                 raise ValueError(f"sample {k} at res {self.n} lacks solver statistics")
             row = stats_row(stats)
             sums.append(stats_checksum(row))
-        check_space(self.path, sum(a.nbytes for a in arrays.values()), self.then)
+        check_space(self.path, sum(a.nbytes for a in arrays.values()), f"sample {k}", self.then)
         try:
             for field, a in arrays.items():
                 self._group[field][k] = a
@@ -327,7 +328,7 @@ def write_fields(
     tmp = staging_path(path)
     unchanged = f"{path} is unchanged"
     try:
-        check_space(tmp, path.stat().st_size, unchanged)
+        check_space(tmp, path.stat().st_size, f"a copy of {path}", unchanged)
         try:
             shutil.copyfile(path, tmp)
         except OSError as err:

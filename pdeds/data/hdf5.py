@@ -469,7 +469,7 @@ def _root_attrs(coeffs: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
 def _create(path: Path, coeffs: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """Write root attributes and /coeffs into a new file at ``path`` (truncating it)."""
     k, m = coeffs.shape
-    check_space(path, coeffs.nbytes)
+    check_space(path, coeffs.nbytes, "the coefficients")
     try:
         f = h5py.File(path, "w")
     except H5_ERRORS as err:

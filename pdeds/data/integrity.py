@@ -97,17 +97,17 @@ def write_error(path: PathLike, err: BaseException, then: str = "") -> PdedsErro
     )
 
 
-def check_space(path: PathLike, need: int, then: str = "") -> None:
-    """Refuse, before HDF5 is asked, a write of ``need`` bytes into ``path`` when its folder has
-    less than that plus :data:`WRITE_SLACK` free: stopping here leaves the file whole and
-    closable, where HDF5 running out of space mid-flush does not."""
+def check_space(path: PathLike, need: int, what: str, then: str = "") -> None:
+    """Refuse, before HDF5 is asked, to write ``what`` (``need`` bytes) into ``path`` when its
+    folder has less than that plus :data:`WRITE_SLACK` free: stopping here leaves the file whole
+    and closable, where HDF5 running out of space mid-flush does not."""
     path = Path(path)
     free = free_bytes(path.parent)
     if free < need + WRITE_SLACK:
         tail = f"; {then}" if then else ""
         raise PdedsError(
-            f"cannot write {path}: {size(free)} free in {path.parent}, the next sample needs up "
-            f"to {size(need + WRITE_SLACK)}; free space or write elsewhere{tail}"
+            f"cannot write {path}: {size(free)} free in {path.parent}, {what} needs up to "
+            f"{size(need + WRITE_SLACK)}; free space or write elsewhere{tail}"
         )
 
 
