@@ -424,8 +424,7 @@ def test_check_problem_resolution_samples_and_closeness(tmp_path, capsys):
 # ----------------------------------------------------------------------------- predict, eval
 
 
-@pytest.fixture
-def run_dir(tmp_path):
+def _make_run(run: Path) -> Path:
     """What `pdeds train` leaves for eval and predict (a resolved config.yaml and one complete
     ZeRO-0 checkpoint of an untrained 2-D U-Net), written directly to skip DeepSpeed's
     start-up; load_run must read it back exactly, so a change of layout fails here first."""
@@ -433,7 +432,6 @@ def run_dir(tmp_path):
     from pdeds.train import checkpoint
     from pdeds.train.inference import load_run
 
-    run = tmp_path / "run"
     cfg = build(
         ExperimentConfig,
         {
@@ -455,6 +453,11 @@ def run_dir(tmp_path):
     return run
 
 
+@pytest.fixture
+def run_dir(tmp_path):
+    return _make_run(tmp_path / "run")
+
+
 def test_predict_refuses_an_existing_sidecar_and_writes_nothing(tmp_path, run_dir, capsys):
     out, xdmf = tmp_path / "pred.h5", tmp_path / "pred.xdmf"
     xdmf.write_text("<Xdmf>mine</Xdmf>")
@@ -470,6 +473,15 @@ def test_predict_refuses_an_existing_sidecar_and_writes_nothing(tmp_path, run_di
     assert got["u_pred"].shape == (2, 1, 16, 16) and (got["u_pred"][:, :, 0] == 1).all()
     code, _, err = cli(capsys, *argv[:-1], tmp_path / "p.xdmf")
     assert_one_line_error(code, err, "is the sidecar's name")
+
+
+def test_eval_of_a_run_on_a_read_only_file_system_is_one_line(small_disk, capsys):
+    """The held-out references are cached in the run directory; a read-only one is one line."""
+    run = _make_run(small_disk / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    code, _, err = cli(capsys, "eval", run, "--res", "16")
+    assert_one_line_error(code, err, f"the held-out reference cache {run / 'cache'} failed: ")
+    assert "Read-only file system" in err
 
 
 def test_predict_into_a_read_only_folder_is_one_line(run_dir, read_only, capsys):

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from pdeds.cli.predict import check_resolution
-    from pdeds.data.integrity import write_error
+    from pdeds.data.integrity import reason, write_error
     from pdeds.errors import PdedsError
     from pdeds.train.evaluate import evaluate, load_held_out
     from pdeds.train.inference import load_run
@@ -133,7 +133,13 @@ def run(args: argparse.Namespace) -> int:
     check_resolution(trained, res, flag)
     samples = args.samples or cfg.data.val_samples
     _check_held_out(cfg, run_dir, res, samples, args.batch, trained.device)
-    ho = load_held_out(cfg, res, run_dir / "cache", args.samples)
+    try:
+        ho = load_held_out(cfg, res, run_dir / "cache", args.samples)
+    except OSError as err:  # the reference cache: a read-only run, a full disk, a damaged file
+        raise PdedsError(
+            f"the held-out reference cache {err.filename or run_dir / 'cache'} failed: "
+            f"{reason(err)}; make {run_dir} writable, or delete the damaged cache file"
+        ) from None
     scores = evaluate(trained.predict, ho, cfg.problem.f, args.batch, trained.device)
     scores.update(
         res=res,
