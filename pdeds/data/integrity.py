@@ -45,7 +45,8 @@ def discard(path: PathLike) -> None:
         pass
 
 
-_HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+"""How HDF5 passes the OS's errno on in its messages ("file write failed: ..., errno = 28")."""
 
 
 def _errno(err: BaseException) -> int | None:
@@ -86,6 +87,11 @@ def _free_note(folder: Path) -> str:
     return f"{size(free)} free in {folder}" if math.isfinite(free) else f"free space in {folder}?"
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether a failure is a full disk or an exhausted quota (ENOSPC, EDQUOT)."""
+    return _errno(err) in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_error(path: PathLike, err: BaseException, then: str = "") -> PdedsError:
     """The one-line error for a failed write to ``path``: the OS's reason, the space left in its
     folder, the fix, and ``then`` (what became of the file)."""
@@ -109,11 +115,6 @@ def check_space(path: PathLike, need: int, what: str, then: str = "") -> None:
             f"cannot write {path}: {size(free)} free in {path.parent}, {what} needs up to "
             f"{size(need + WRITE_SLACK)}; free space or write elsewhere{tail}"
         )
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether a failure is a full disk or an exhausted quota (ENOSPC, EDQUOT)."""
-    return _errno(err) in (errno.ENOSPC, errno.EDQUOT)
 
 
 def close_or_abandon(f: h5py.File, path: PathLike, err: BaseException) -> bool:
