@@ -15,6 +15,7 @@ import torch
 import pdeds.cli
 from pdeds.cli import main
 from pdeds.data.hdf5 import read_coefficients, read_fields, write_coefficients
+from pdeds.data.integrity import checksum
 from pdeds.physics import fem, kl
 
 SMALL = ["--dim", "2", "--modes", "4", "--samples", "3", "--seed", "5"]
@@ -160,6 +161,8 @@ def _nan_file(tmp_path: Path) -> Path:
     write_coefficients(path, np.zeros((2, 3)), dict(dim=2, eta=0.5, family="diagonal"))
     with h5py.File(path, "r+") as f:
         f["coeffs"][1, 1] = np.nan
+        # As another tool would write it: NaN in, with a checksum that matches.
+        f.attrs["coeffs_crc32"] = checksum(f["coeffs"][...])
     return path
 
 

@@ -7,8 +7,10 @@
 Coefficients (and the parameters that generated them) are always written; ``--res N``
 adds the diffusivity nu at N nodes per axis and ``--reference`` the reference FEM solution
 with its timings. The file is built as ``<out>.tmp`` one sample at a time and renamed when
-complete; rerunning an interrupted command with the same arguments resumes from it.
-The layout is documented in :mod:`pdeds.data.hdf5`.
+complete; rerunning an interrupted command with the same arguments resumes from it, keeping
+only the samples that still match their checksums. ``--inspect F --verify`` reads every sample
+back and checks it (finite, nu > 0, checksums). A full disk is one error line naming the free
+space. The layout is documented in :mod:`pdeds.data.hdf5`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pdeds.errors import PdedsError
 EXAMPLES = """examples:
   pdeds data --out held_out.h5 --dim 3 --samples 16 --seed 1 --res 33 --reference
   pdeds data --out train.h5 --dim 2 --modes 6 --samples 1024 --sobol
-  pdeds data --inspect held_out.h5
+  pdeds data --inspect held_out.h5 --verify
 """
 DEFAULTS = {"dim": 3, "modes": 6, "eta": 0.5, "family": "diagonal", "seed": 0, "sobol": False}
 FAMILIES = ("diagonal", "tensor")
@@ -95,7 +97,8 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Sample KL coefficients and write them, with optional nu fields and reference\n"
             "solutions, to a pdeds HDF5 file (built as OUT.tmp, renamed when complete; an\n"
-            "interrupted run resumes when rerun with the same arguments); or --inspect one."
+            "interrupted run resumes when rerun with the same arguments, keeping the samples\n"
+            "that match their checksums); or --inspect one (--verify: check every sample)."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +106,11 @@ def add_parser(subparsers: Any) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="F.h5", help="file to write")
     target.add_argument("--inspect", type=Path, metavar="F.h5", help="print what a file holds")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --inspect: read every sample back and check it (finite, nu > 0, checksums)",
+    )
     add_problem_args(p, defaults=DEFAULTS)
     p.add_argument(
         "--res",
@@ -212,9 +220,15 @@ def _write_resolution(
         rtol=rtol if reference else None,
         method=method if reference else None,
     ) as writer:
+        if writer.rejected:
+            print(
+                f"pdeds: res {n}: samples {', '.join(map(str, writer.rejected))} of {staging} "
+                "do not match their checksums; computing them again",
+                file=sys.stderr,
+            )
         bar = _progress(writer.samples, writer.written, f"res {n}")
         with bar:
-            for k in range(writer.written, writer.samples):
+            for k in writer.todo:
                 nu_k = diffusivity(torch.from_numpy(coeffs[k : k + 1]), n, **kw)
                 u_k, stats = None, None
                 if reference:
@@ -257,6 +271,11 @@ def build_file(
 ) -> list[Path]:
     """Write a complete data file at ``out`` (via ``<out>.tmp``); return the files written.
 
+    An existing ``<out>.tmp`` of the same coefficients and parameters is resumed: its samples
+    are verified against their checksums and the ones that fail are computed again. ``out`` is
+    published (renamed) only once every group is complete; a failure leaves an existing
+    ``out`` unchanged and the staging file resumable (or removed, when HDF5 could not close it).
+
     Args:
         out: final file name.
         coeffs: (K, m) float64 coefficients.
@@ -284,6 +303,11 @@ def build_file(
         print(f"pdeds: resuming from {staging} (same parameters)", file=sys.stderr)
         hdf5.drop_resolutions(staging, keep=res if nu or reference else ())
     else:
+        if staging.exists():
+            print(
+                f"pdeds: {staging} holds other parameters or cannot be read; starting again",
+                file=sys.stderr,
+            )
         hdf5.write_coefficients(staging, coeffs, meta, force=True)
     if nu or reference:
         for n in res:
@@ -319,13 +343,35 @@ def draw_coefficients(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return coeffs, meta
 
 
+def verify_file(path: Path) -> None:
+    """Print what ``pdeds data --inspect --verify`` checked; raise naming every bad sample."""
+    from pdeds.data.verify import verify
+
+    verdict = verify(path)
+    print("verified:")
+    for line in verdict.checked:
+        print(f"  {line}")
+    for line in verdict.problems:
+        print(f"  BAD {line}")
+    if not verdict.ok:
+        raise PdedsError(
+            f"{path} failed verification ({verdict.summary()}); rebuild it with the "
+            "`pdeds data` (or `pdeds solve`) command that wrote it and --force"
+        )
+    print("all samples ok")
+
+
 def run(args: argparse.Namespace) -> int:
     """``pdeds data``: inspect a file, or sample coefficients and build one."""
     if args.inspect is not None:
         from pdeds.data.summary import inspect
 
         print(inspect(args.inspect))
+        if args.verify:
+            verify_file(args.inspect)
         return 0
+    if args.verify:
+        raise PdedsError("--verify checks an existing file; use it with --inspect F.h5")
     check_problem(args)
     check_solver(args)
     args.res = list(dict.fromkeys(args.res))

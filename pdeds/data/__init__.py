@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pdeds.data.fields import FieldWriter, write_fields
-from pdeds.data.hdf5 import open_checked, read_coefficients, read_fields, write_coefficients
+from pdeds.data.hdf5 import (
+    check_problem,
+    open_checked,
+    read_coefficients,
+    read_fields,
+    write_coefficients,
+)
 from pdeds.data.summary import inspect
+from pdeds.data.verify import verify
 from pdeds.data.xdmf import write_xdmf
 
 __all__ = [
     "FieldWriter",
+    "check_problem",
     "inspect",
     "open_checked",
     "read_coefficients",
     "read_fields",
+    "verify",
     "write_coefficients",
     "write_fields",
     "write_xdmf",

@@ -1,33 +1,50 @@
 """The pdeds data file: coefficients, optional fields and reference solutions in HDF5.
 
-Layout (format "pdeds-data", format_version 1)::
+Layout (format "pdeds-data", format_version 2)::
 
     /                      attrs: format, format_version, pdeds_version, created (ISO 8601, UTC),
-                                  dim, modes, eta, family, seed, sobol, samples, f (+ extra meta)
+                                  coeffs_crc32, dim, modes, eta, family, seed, sobol, samples, f
+                                  (+ extra meta)
     /coeffs                (K, m)        float64   KL coefficients a (always present)
     /res_{N}/              attrs: n, samples, written, complete, [rtol, method]
     /res_{N}/nu            (K, 1, N..)   float32   nu at the nodes (optional)
     /res_{N}/u_ref         (K, 1, N..)   float64   reference FEM solution (optional)
+    /res_{N}/u_pred        (K, 1, N..)   float32   a network's prediction (`pdeds predict`)
     /res_{N}/assembly_s    (K,)          float64   seconds to assemble K and F      } only with
     /res_{N}/setup_s       (K,)          float64   seconds of AMG setup              } u_ref
     /res_{N}/solve_s       (K,)          float64   seconds of preconditioned CG      }
     /res_{N}/iterations    (K,)          int64     CG iterations                     }
     /res_{N}/residual      (K,)          float64   final relative residual           }
+    /res_{N}/crc32         (K, C)        int64     per-sample checksums, attr columns
 
 Fields are chunked one sample per chunk and gzip-compressed (with the shuffle filter), so a
 reader pulls one sample without decompressing the others. Axis 2 of a field is x1.
 
+Checksums. ``crc32[k, c]`` is the CRC-32 (zlib) of sample k's bytes of column c: a field
+("nu", "u_ref", "u_pred") in its stored dtype, C order, or "stats", the statistics of sample k
+in :data:`STATS` order. It is written after the sample's data and is -1 until then, so it is
+also the sample's "written" flag; ``coeffs_crc32`` covers /coeffs the same way. A CRC of the
+uncompressed bytes, computed once from the array in memory, covers everything between it and
+a later read (filters, HDF5's chunk index, the disk), and costs ~1 ms per MiB-sample against
+gzip's tens of ms. HDF5's own fletcher32 filter would not do: it checks a chunk HDF5 finds, and
+a chunk lost in a crash reads back as the fill value (zeros) without complaint. Readers
+(:func:`read_fields`) check the checksums of what they read; version 1 files have none and
+are read as before (``pdeds data --inspect --verify`` checks their values only).
+
 Crash safety: a new file is always written to ``<path>.tmp`` and renamed over ``<path>`` only
 when complete, so a crash never leaves a half file under the final name. Long runs write the
-staging file sample by sample through :class:`FieldWriter`, which records how many samples
-are done (``written``) so an interrupted run can resume; a group is marked ``complete`` only
-when every sample is in.
+staging file sample by sample through :class:`~pdeds.data.fields.FieldWriter`; a rerun keeps
+the samples whose checksums still match and recomputes the others; a group is marked
+``complete`` only when every sample is in. A full disk or another OS error while writing is a
+:class:`PdedsError` naming the file and the free space (:mod:`pdeds.data.integrity`).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,21 +53,36 @@ import h5py
 import numpy as np
 
 import pdeds
+from pdeds.data.integrity import (
+    H5_ERRORS,
+    PathLike,
+    check_space,
+    checksum,
+    close_or_abandon,
+    damaged,
+    discard,
+    reading,
+    reason,
+    write_error,
+)
 from pdeds.errors import PdedsError
 
 FORMAT = "pdeds-data"
-FORMAT_VERSION = 1
-RESERVED_ATTRS = ("format", "format_version", "pdeds_version", "created")
+FORMAT_VERSION = 2
+"""2 added the checksums (``crc32``, ``coeffs_crc32``) and ``u_pred``; 1 is still read."""
+RESERVED_ATTRS = ("format", "format_version", "pdeds_version", "created", "coeffs_crc32")
 """Root attributes set by the writer itself; meta cannot supply them."""
-FIELDS = ("nu", "u_ref")
-FIELD_DTYPES = {"nu": np.float32, "u_ref": np.float64}
+FIELDS = ("nu", "u_ref", "u_pred")
+FIELD_DTYPES = {"nu": np.float32, "u_ref": np.float64, "u_pred": np.float32}
 STATS = ("assembly_s", "setup_s", "solve_s", "iterations", "residual")
 """Per-sample reference-solve statistics stored next to u_ref (keys of solve_with_stats)."""
 STAT_DTYPES = {"iterations": np.int64}
 STAT_FILL = {"iterations": -1}
 COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-
-PathLike = str | os.PathLike
+CHECKSUMS = "crc32"
+"""The (K, C) per-sample checksum dataset of a resolution group; its attr ``columns`` names C."""
+NOT_WRITTEN = -1
+"""A checksum entry of a sample whose data is not (yet) in the file."""
 
 
 def res_group(n: int) -> str:
@@ -65,7 +97,8 @@ def staging_path(path: PathLike) -> Path:
 
 
 def check_output(path: PathLike, *, force: bool) -> Path:
-    """Refuse an output path that exists (unless ``force``) or whose folder is missing."""
+    """Refuse an output path that exists (unless ``force``) or whose folder is missing or
+    cannot be written (permissions, a read-only file system)."""
     path = Path(path)
     if path.is_dir():
         raise PdedsError(f"output {path} is a directory; give a file name such as {path}/data.h5")
@@ -73,12 +106,45 @@ def check_output(path: PathLike, *, force: bool) -> Path:
         raise PdedsError(f"{path} exists; pass --force to overwrite")
     if not path.parent.is_dir():
         raise PdedsError(f"output folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise PdedsError(
+            f"output folder {path.parent} is not writable (permissions or a read-only file "
+            "system); choose another output folder"
+        )
     return path
 
 
 def publish(staging: PathLike, path: PathLike) -> None:
     """Atomically rename a finished staging file to its final name."""
     os.replace(staging, path)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def stats_row(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """One sample's statistics as stored: each of :data:`STATS` in its dtype, fill if absent."""
+    return {
+        s: np.asarray(stats.get(s, STAT_FILL.get(s, np.nan)), STAT_DTYPES.get(s, np.float64))
+        for s in STATS
+    }
+
+
+def stats_checksum(row: Mapping[str, Any]) -> int:
+    """CRC-32 of a :func:`stats_row` (the "stats" column of ``crc32``)."""
+    crc = 0
+    for s in STATS:
+        crc = zlib.crc32(np.asarray(row[s], STAT_DTYPES.get(s, np.float64)).tobytes(), crc)
+    return crc
+
+
+def checksum_table(group: h5py.Group) -> tuple[np.ndarray, list[str]] | None:
+    """The (K, C) checksums of a resolution group and their column names; None when it has
+    none (format_version 1, or a group written without FieldWriter)."""
+    if CHECKSUMS not in group:
+        return None
+    dset = group[CHECKSUMS]
+    return dset[...], [str(py_value(c)) for c in dset.attrs["columns"]]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -95,7 +161,8 @@ def py_value(value: Any) -> Any:
     return value
 
 
-def _resolutions(f: h5py.File) -> list[int]:
+def resolutions_in(f: h5py.File) -> list[int]:
+    """The resolutions (nodes per axis) an open data file holds groups for, increasing."""
     out = []
     for name in f:
         if name.startswith("res_") and name[4:].isdigit() and isinstance(f[name], h5py.Group):
@@ -104,7 +171,7 @@ def _resolutions(f: h5py.File) -> list[int]:
 
 
 def _describe_resolutions(f: h5py.File) -> str:
-    res = _resolutions(f)
+    res = resolutions_in(f)
     return "it holds " + (", ".join(f"res {n}" for n in res) if res else "coefficients only")
 
 
@@ -128,7 +195,7 @@ def open_checked(
 
     Raises:
         PdedsError: missing file, not HDF5, not a pdeds file, newer format, missing
-            /coeffs, missing or incomplete resolution, missing field.
+            /coeffs, missing or incomplete resolution, missing field, damaged structure.
     """
     path = Path(path)
     if not path.exists():
@@ -139,10 +206,14 @@ def open_checked(
         raise PdedsError(f"{path} is not an HDF5 file; give a file written by `pdeds data`")
     try:
         f = h5py.File(path, mode)
-    except OSError as err:
-        raise PdedsError(f"cannot open {path}: {err}; check the file and its permissions") from None
+    except H5_ERRORS as err:
+        raise PdedsError(
+            f"cannot open {path}: {reason(err)}; check its permissions, or regenerate it if it "
+            "is damaged"
+        ) from None
     try:
-        _check_file(f, path, res, fields)
+        with reading(path, "its groups"):
+            _check_file(f, path, res, fields)
     except BaseException:
         f.close()
         raise
@@ -189,17 +260,40 @@ def _check_file(f: h5py.File, path: Path, res: Sequence[int], fields: Sequence[s
 
 
 def read_coefficients(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """The (K, m) float64 coefficients and the root attributes as plain Python values."""
-    with open_checked(path) as f:
+    """The (K, m) float64 coefficients and the root attributes as plain Python values.
+
+    Raises:
+        PdedsError: as :func:`open_checked`, or /coeffs unreadable or not matching its
+            checksum (format_version >= 2).
+    """
+    with open_checked(path) as f, reading(path, "/coeffs"):
         coeffs = f["coeffs"][...]
         meta = {k: py_value(v) for k, v in f.attrs.items()}
+    stored = meta.get("coeffs_crc32")
+    if stored is not None and checksum(coeffs) != stored:
+        raise damaged(path, "/coeffs", "checksum mismatch")
     return coeffs, meta
+
+
+def _read_samples(path: PathLike, dset: h5py.Dataset, sel: Any, index: np.ndarray) -> np.ndarray:
+    """``dset[sel]``; when HDF5 fails, the first sample of ``index`` that cannot be read is
+    named (a chunk is one sample, so one damaged chunk is one damaged sample)."""
+    try:
+        return dset[sel]
+    except H5_ERRORS as err:
+        first = err
+    for k in index:
+        try:
+            dset[int(k)]
+        except H5_ERRORS as err:
+            raise damaged(path, f"{dset.name} sample {k}", err) from None
+    raise damaged(path, dset.name, first)
 
 
 def read_fields(
     path: PathLike, n: int, *, samples: slice | Sequence[int] | None = None
 ) -> dict[str, Any]:
-    """Everything stored for resolution n.
+    """Everything stored for resolution n, checked against its checksums.
 
     Args:
         path: the data file.
@@ -209,18 +303,117 @@ def read_fields(
     Returns:
         Dict with every dataset of the group ("nu", "u_ref", with u_ref the statistics
         "assembly_s", "setup_s", "solve_s", "iterations", "residual", and any other such as
-        "u_pred") as numpy arrays, plus the group attributes ("rtol", "method", ...).
+        "u_pred"; not the checksums) as numpy arrays, plus the group attributes ("rtol",
+        "method", ...).
+
+    Raises:
+        PdedsError: as :func:`open_checked`, or a sample that cannot be read or does not match
+            its checksum (named by index).
     """
     sel: Any = slice(None) if samples is None else samples
     if not isinstance(sel, slice):
         sel = np.asarray(sel, dtype=np.int64)
-    with open_checked(path, res=[n]) as f:
-        group = f[res_group(n)]
+    name = res_group(n)
+    with open_checked(path, res=[n]) as f, reading(path, f"/{name}"):
+        group = f[name]
+        index = np.arange(int(f["coeffs"].shape[0]))[sel]
         out: dict[str, Any] = {k: py_value(v) for k, v in group.attrs.items()}
-        for name, item in group.items():
-            if isinstance(item, h5py.Dataset):
-                out[name] = item[sel]
+        for key, item in group.items():
+            if isinstance(item, h5py.Dataset) and key != CHECKSUMS:
+                out[key] = _read_samples(path, item, sel, index)
+        table = checksum_table(group)
+    if table is not None:
+        _check_read(path, name, out, index, *table)
     return out
+
+
+def _check_read(
+    path: PathLike,
+    name: str,
+    out: Mapping[str, Any],
+    index: np.ndarray,
+    crc: np.ndarray,
+    columns: list[str],
+) -> None:
+    for c, column in enumerate(columns):
+        if column != "stats" and column not in out:
+            continue
+        for j, k in enumerate(index):
+            if column == "stats":
+                got = stats_checksum({s: out[s][j] for s in STATS})
+            else:
+                got = checksum(out[column][j])
+            if got != crc[k, c]:
+                why = "never written" if crc[k, c] == NOT_WRITTEN else "checksum mismatch"
+                raise damaged(path, f"/{name}/{column} sample {k}", why)
+
+
+def check_problem(
+    path: PathLike,
+    problem: Any,
+    *,
+    key: str,
+    res: int | None = None,
+    fields: Sequence[str] = (),
+    samples: int | None = None,
+    settable: bool = True,
+) -> dict[str, Any]:
+    """Check that a data file was made for ``problem`` before it is used for it.
+
+    Args:
+        path: the data file.
+        problem: the problem it is for: anything with attributes dim, eta, modes, family (and
+            f, checked when ``fields`` holds "u_ref": a reference solution depends on it), such
+            as :class:`pdeds.config.ProblemConfig`.
+        key: what names the file in messages ("data.path", "data.val_path", "--coeffs").
+        res: a resolution the file must hold as a complete group, with ``fields``.
+        fields: datasets needed at ``res`` (e.g. ("u_ref",)); only with ``res``.
+        samples: how many samples the caller will take; the file must hold at least these.
+        settable: whether the problem is a config the user can change (``problem.<key>``);
+            False for a trained run's, where the only fix is another file.
+
+    Returns:
+        The file's root attributes (as :func:`read_coefficients` gives them).
+
+    Raises:
+        PdedsError: the first key that differs, naming the file's and the problem's value and
+            both fixes (change the problem, or regenerate the file).
+    """
+    with open_checked(path, res=[] if res is None else [res], fields=fields) as f:
+        with reading(path, "its attributes"):
+            meta = {k: py_value(v) for k, v in f.attrs.items()}
+            held = int(f["coeffs"].shape[0])
+    checked = ["dim", "modes", "eta", "family"] + (["f"] if "u_ref" in fields else [])
+    for name in checked:
+        want = getattr(problem, name)
+        if name not in meta:
+            raise PdedsError(
+                f"{key} {path} does not record {name} (problem.{name} is {want}); "
+                f"regenerate it with `pdeds data`"
+            )
+        got = meta[name]
+        same = (
+            math.isclose(float(got), float(want), rel_tol=1e-12, abs_tol=0.0)
+            if name in ("eta", "f")
+            else got == want
+        )
+        if not same:
+            redo = (
+                f"`pdeds solve --coeffs {path} --f {want} --res {res} --out ...`"
+                if name == "f"
+                else f"`pdeds data --{name} {want} ...`"
+            )
+            change = f"set problem.{name}: {got}, or " if settable else ""
+            raise PdedsError(
+                f"{key} {path} was made for {name}={got} but problem.{name} is {want}; "
+                f"{change}regenerate the file with {redo}"
+            )
+    if samples is not None and samples > held:
+        raise PdedsError(
+            f"{key} {path} holds {held} samples but {samples} are asked for; ask for at most "
+            f"{held}, or regenerate it with `pdeds data --samples {samples} ...`"
+        )
+    return meta
 
 
 # ----------------------------------------------------------------------------- writing
@@ -268,6 +461,7 @@ def _root_attrs(coeffs: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
         format_version=FORMAT_VERSION,
         pdeds_version=pdeds.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        coeffs_crc32=checksum(coeffs),
     )
     return attrs
 
@@ -275,15 +469,22 @@ def _root_attrs(coeffs: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
 def _create(path: Path, coeffs: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """Write root attributes and /coeffs into a new file at ``path`` (truncating it)."""
     k, m = coeffs.shape
+    check_space(path, coeffs.nbytes, "the coefficients")
     try:
         f = h5py.File(path, "w")
-    except OSError as err:
-        raise PdedsError(f"cannot create {path}: {err}; check the folder is writable") from None
-    with f:
+    except H5_ERRORS as err:
+        raise write_error(path, err) from None
+    try:
         for key, value in attrs.items():
             f.attrs[key] = value
         # Coefficient rows are tiny: chunk them in blocks, not one row per chunk.
         f.create_dataset("coeffs", data=coeffs, chunks=(min(k, 4096), m), **COMPRESSION)
+        f.close()
+    except BaseException as err:
+        close_or_abandon(f, path, err)
+        if isinstance(err, H5_ERRORS):
+            raise write_error(path, err) from None
+        raise
 
 
 def write_coefficients(
@@ -298,6 +499,10 @@ def write_coefficients(
             scalar or string attributes optional (None values are skipped). samples and modes
             are taken from ``coeffs``.
         force: overwrite an existing file.
+
+    Raises:
+        PdedsError: bad path or coefficients, or a failed write (naming the free space); no
+            file is left behind then and an existing ``path`` is unchanged.
     """
     path = check_output(path, force=force)
     coeffs = check_coeffs(coeffs)
@@ -306,7 +511,7 @@ def write_coefficients(
     try:
         _create(tmp, coeffs, attrs)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
     publish(tmp, path)
 
@@ -321,7 +526,7 @@ def matches(path: PathLike, coeffs: np.ndarray, meta: Mapping[str, Any]) -> bool
         with f:
             stored = {k: py_value(v) for k, v in f.attrs.items() if k not in RESERVED_ATTRS}
             same = np.array_equal(f["coeffs"][...], coeffs)
-    except (OSError, KeyError):
+    except H5_ERRORS:
         return False
     want = _root_attrs(check_coeffs(coeffs), meta)
     want = {k: v for k, v in want.items() if k not in RESERVED_ATTRS}
@@ -331,9 +536,9 @@ def matches(path: PathLike, coeffs: np.ndarray, meta: Mapping[str, Any]) -> bool
 def drop_resolutions(path: PathLike, *, keep: Sequence[int]) -> None:
     """Delete every resolution group of ``path`` whose n is not in ``keep``."""
     with open_checked(path, mode="r+") as f:
-        for n in _resolutions(f):
-            if n not in keep:
-                del f[res_group(n)]
-
-
-# ----------------------------------------------------------------------------- inspecting
+        try:
+            for n in resolutions_in(f):
+                if n not in keep:
+                    del f[res_group(n)]
+        except H5_ERRORS as err:
+            raise write_error(path, err) from None

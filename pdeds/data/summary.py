@@ -9,7 +9,8 @@ from typing import Any
 
 import h5py
 
-from pdeds.data.hdf5 import PathLike, open_checked, py_value
+from pdeds.data.hdf5 import open_checked, py_value
+from pdeds.data.integrity import PathLike, reading
 
 
 def _filters(dset: h5py.Dataset) -> str:
@@ -37,9 +38,13 @@ def _natural(name: str) -> list[Any]:
 
 
 def inspect(path: PathLike) -> str:
-    """A human summary of a data file: root attributes, then every group and dataset."""
+    """A human summary of a data file: root attributes, then every group and dataset.
+
+    Raises:
+        PdedsError: not a readable pdeds data file, or its structure is damaged.
+    """
     path = Path(path)
-    with open_checked(path) as f:
+    with open_checked(path) as f, reading(path, "its structure"):
         lines = [f"{path}  ({path.stat().st_size / 2**20:.2f} MiB)"]
         lines.append("attributes:")
         width = max(len(k) for k in f.attrs)

@@ -32,9 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pdeds.data.integrity import H5_ERRORS, PathLike, discard, reading, write_error
 from pdeds.errors import PdedsError
-
-PathLike = str | os.PathLike
 
 
 def _dims(shape: Sequence[int]) -> str:
@@ -52,7 +51,11 @@ def _number_type(dtype: np.dtype) -> tuple[str, int]:
 def _dataset_info(h5_path: Path, datasets: Mapping[str, str], n: int, dim: int) -> dict:
     """Shape and dtype of each dataset, checked to be (K, 1, n, ..)."""
     info = {}
-    with h5py.File(h5_path, "r") as f:
+    try:
+        f = h5py.File(h5_path, "r")
+    except H5_ERRORS as err:
+        raise PdedsError(f"cannot open {h5_path}: {err}; give a pdeds data file") from None
+    with f, reading(h5_path, "its datasets"):
         for name, dpath in datasets.items():
             if dpath not in f or not isinstance(f[dpath], h5py.Dataset):
                 raise PdedsError(f"{h5_path} has no dataset {dpath}; list it with --inspect")
@@ -89,6 +92,10 @@ def write_xdmf(
         n: nodes per axis.
         dim: 2 or 3.
         samples: which samples to include (default all K), one grid each.
+
+    Raises:
+        PdedsError: a dataset missing or of the wrong shape, or the sidecar cannot be written
+            (an existing sidecar is then unchanged).
     """
     if dim not in (2, 3):
         raise PdedsError(f"dim must be 2 or 3, got {dim!r}")
@@ -143,6 +150,13 @@ def write_xdmf(
             src.text = f"{ref}:{datasets[name]}"
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
-    xdmf_path.write_text(
-        '<?xml version="1.0" ?>\n<!DOCTYPE Xdmf SYSTEM "Xdmf.dtd" []>\n' + body + "\n"
-    )
+    # Written beside and renamed, so a full disk never leaves a truncated sidecar.
+    tmp = xdmf_path.with_name(xdmf_path.name + ".tmp")
+    try:
+        tmp.write_text(
+            '<?xml version="1.0" ?>\n<!DOCTYPE Xdmf SYSTEM "Xdmf.dtd" []>\n' + body + "\n"
+        )
+        os.replace(tmp, xdmf_path)
+    except OSError as err:
+        discard(tmp)
+        raise write_error(xdmf_path, err) from None
