@@ -495,7 +495,10 @@ def test_predict_into_a_read_only_folder_is_one_line(run_dir, read_only, capsys)
     [
         (["eval", "--res", "0"], ["--res must be >= 2 nodes per axis, got 0"]),
         (["eval", "--res", "-4"], ["--res must be >= 2"]),
-        (["eval", "--res", "6"], ["--res 6: resolution n=6 is coarser than the network's core grid"]),
+        (
+            ["eval", "--res", "6"],
+            ["--res 6: resolution n=6 is coarser than the network's core grid"],
+        ),
         (["eval", "--res", "100000"], ["--res 100000: the amg reference solve", "--reference gmg"]),
         (["eval", "--res", "100000", "--reference", "gmg"], ["--res 100000: the gmg reference"]),
         (["predict", "--res", "0"], ["--res must be >= 2"]),
