@@ -10,14 +10,15 @@ Each case (res, ranks, ZeRO stage) runs in fresh spawned processes
 (``launch/configs/quickstart.yaml`` through ``pdeds.config.resolve`` with ``problem.res``,
 ``model.width/depth``, ``deepspeed.config=ds_configs/zero{Z}.json`` and the DeepSpeed patches
 ``ds.wall_clock_breakdown=true``, ``ds.train_batch_size``, ``ds.train_micro_batch_size_per_gpu``),
-``build_model``, ``init_distributed`` + ``build_engine``, and ``TrainingSet`` / ``SampleStream`` /
-``split_global_batch`` for the batches. A step is the trainer's step for first-order optimizers
-(``pdeds.optim.standard_step``, written out here with timers around each call): per micro-batch
-nu -> ``engine(nu)`` -> ``fem.energy(u, nu, f).mean()`` -> ``engine.backward`` -> ``engine.step()``,
-then ``global_mean`` of the loss. A barrier before every step (outside the timing) plays the part
-of the trainer's per-step stop-flag all-reduce. ``--warmup`` steps are dropped; every column is
-the median over ``--steps`` steps of the per-step sum over micro-batches, averaged over ranks
-(``step`` is the slowest rank's). Threads per rank default to cores // ranks (``--threads``).
+``build_model``, ``init_distributed`` + ``build_engine``, and ``training_samples`` /
+``split_global_batch`` for the batches. A step is the trainer's own
+(``pdeds.train.step.train_step``, with timers hooked in): per micro-batch nu -> ``engine(nu)`` ->
+the micro-batch loss (``train.loss_weighting`` as configured) -> ``engine.backward`` ->
+``engine.step()``, then the all-reduced mean of the loss. A barrier before every step (outside
+the timing) plays the part of the trainer's per-step stop-flag all-reduce. ``--warmup`` steps
+are dropped; every column is the median over ``--steps`` steps of the per-step sum over
+micro-batches, averaged over ranks (``step`` is the slowest rank's). Threads per rank default to
+cores // ranks (``--threads``).
 
 Columns (ms per global step):
 
@@ -27,8 +28,8 @@ Columns (ms per global step):
   instead (what happens when the set exceeds ``pdeds.train.data.CACHE_BYTES``).
 - forward: wall time of ``engine(nu)``. Under ZeRO 3 on >1 rank it includes the parameter
   all-gathers that DeepSpeed issues in its forward hooks (not separable with its timers).
-- energy: ``fem.energy(...).mean()`` forward plus its backward (K U - F), the latter timed from
-  ``engine.backward`` until the gradient reaches the network output U (a hook on U).
+- energy: the micro-batch loss (``fem.energy``) forward plus its backward (K U - F), the latter
+  timed from ``engine.backward`` until the gradient reaches the network output U (a hook on U).
 - backward: DeepSpeed's ``bwd_inner`` timer: local autograd of the network. Under ZeRO 2 it also
   holds the copies of gradients into the reduce bucket done in hooks; under ZeRO 3 on >1 rank the
   parameter re-gathers and gradient partitioning done in hooks.
@@ -118,101 +119,52 @@ def case_overrides(res: int, zero: int, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def micro_loss(u: Any, nu: Any, cfg: Any) -> Any:
-    """The trainer's micro-batch loss (pdeds.train.loss)."""
-    from pdeds.train.loss import micro_batch_loss
-
-    return micro_batch_loss(u, nu, cfg.problem.f, cfg.train.loss_weighting)
-
-
-def nu_source(data: Any, mode: str) -> Any:
-    """``(idx, res) -> nu``: the trainer's cached path, or a fresh KL evaluation every call.
-
-    "generate" evaluates nu = exp(sum_i a_i sqrt(lambda..) phi_i..) from the coefficients in
-    float64 and casts to float32, as ``TrainingSet`` does for a set too large to cache.
-    """
-    if mode == "cached":
-        return data.nu
-    import torch
-
-    from pdeds.physics import kl
-
-    def generate(idx: Any, res: int) -> Any:
-        c = torch.as_tensor(data.coeffs[idx], dtype=torch.float64, device=data.device)
-        return kl.diffusivity(c, res, dim=data.dim, eta=data.eta, family=data.family).float()
-
-    return generate
-
-
 def now() -> tuple[float, float]:
     """(wall clock, CPU time of this process's threads), seconds."""
     return time.perf_counter(), time.process_time()
 
 
-def arrival_hook(times: list[tuple[float, float]]) -> Any:
-    """A tensor hook that appends ``now()`` when the gradient reaches the tensor."""
+def timed_step(engine: Any, data: Any, micro: list, res: int, cfg: Any, log: Any) -> dict:
+    """One optimizer step (``pdeds.train.step.train_step``, the trainer's own) with timers;
+    returns its phases in ms.
 
-    def hook(grad: Any) -> None:
-        times.append(now())
-
-    return hook
-
-
-def timed_step(engine: Any, micro: list, nu_of: Any, res: int, cfg: Any, log: Any) -> dict:
-    """One optimizer step (``standard_step`` with timers); returns its phases in ms.
-
-    ``energy_cpu`` and ``step_cpu`` are the same intervals in process CPU time: unlike wall
-    time they do not grow while the rank waits for a core another process holds (they do count
-    spinning OpenMP and gloo threads).
+    ``Phases`` charges data / forward / energy inside the loss, ``MarkedEngine`` the engine's
+    backward and step calls, and a hook on the network output U ends the energy's backward
+    (``energy_bwd``: from ``engine.backward`` until the gradient reaches U). ``energy_cpu`` and
+    ``step_cpu`` are the same intervals in process CPU time: unlike wall time they do not grow
+    while the rank waits for a core another process holds (they do count spinning OpenMP and
+    gloo threads).
     """
-    import torch
+    from pdeds.train.step import MarkedEngine, Phases, train_step
 
-    from pdeds.optim import global_mean
+    phases = Phases()
 
-    t = dict.fromkeys(("data", "forward", "energy_fwd", "energy_bwd", "step_call"), 0.0)
-    energy_cpu = 0.0
-    total = torch.zeros((), dtype=torch.float64)
+    def hook_output(u: Any) -> None:
+        u.register_hook(lambda grad: phases.mark("energy_bwd"))
+
     log.take()
     start = now()
-    for idx in micro:
-        t0 = time.perf_counter()
-        nu = nu_of(idx, res)
-        t1 = time.perf_counter()
-        u = engine(nu)
-        t2 = now()
-        loss = micro_loss(u, nu, cfg)
-        t3 = now()
-        reached: list[tuple[float, float]] = []
-        u.register_hook(arrival_hook(reached))
-        engine.backward(loss)
-        t4 = now()
-        engine.step()
-        t5 = time.perf_counter()
-        total += loss.detach().double().cpu()
-        t_u = reached[0] if reached else t4
-        t["data"] += t1 - t0
-        t["forward"] += t2[0] - t1
-        t["energy_fwd"] += t3[0] - t2[0]
-        t["energy_bwd"] += t_u[0] - t3[0]
-        t["step_call"] += t5 - t4[0]
-        energy_cpu += t_u[1] - t3[1] + t3[1] - t2[1]
-    t_loss = time.perf_counter()
-    global_mean(total, len(micro))
+    f, weighting = cfg.problem.f, cfg.train.loss_weighting
+    marked = MarkedEngine(engine, phases)
+    train_step(
+        marked, data, micro, res=res, f=f, weighting=weighting, phases=phases, on_output=hook_output
+    )
     end = now()
-    ms = {k: 1e3 * v for k, v in t.items()}
+    ms = {k: 1e3 * v for k, v in phases.wall.items()}
     ds = log.take()
     allgather = ds.get("optimizer_allgather", 0.0)
+    loss_reduce = 1e3 * (end[0] - start[0]) - sum(ms.values())  # the step loss's all-reduce
     row = {
         "data": ms["data"],
         "forward": ms["forward"],
-        "energy": ms["energy_fwd"] + ms["energy_bwd"],
-        "energy_fwd": ms["energy_fwd"],
-        "energy_bwd": ms["energy_bwd"],
+        "energy": ms["energy"] + ms.get("energy_bwd", 0.0),
+        "energy_fwd": ms["energy"],
+        "energy_bwd": ms.get("energy_bwd", 0.0),
         "backward": ds.get("bwd_inner", 0.0),
-        "comm": ds.get("bwd_allreduce", 0.0) + allgather + 1e3 * (end[0] - t_loss),
-        "optimizer": ms["step_call"] - allgather,
+        "comm": ds.get("bwd_allreduce", 0.0) + allgather + loss_reduce,
+        "optimizer": ms["optimizer"] - allgather,
         "step": 1e3 * (end[0] - start[0]),
-        "energy_cpu": 1e3 * energy_cpu,
+        "energy_cpu": 1e3 * (phases.cpu["energy"] + phases.cpu.get("energy_bwd", 0.0)),
         "step_cpu": 1e3 * (end[1] - start[1]),
         "ds_timers": ds,
     }
@@ -225,13 +177,12 @@ def bench_rank(case: dict) -> dict:
     import torch
 
     from pdeds import distributed
-    from pdeds.config import batch_sizes, resolve
+    from pdeds.config import resolve
     from pdeds.errors import PdedsError
     from pdeds.models.unet import build_model, count_parameters
     from pdeds.optim import needs_engine_step
-    from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
+    from pdeds.train.data import split_global_batch, training_coeffs, training_samples
     from pdeds.train.engine import build_engine, device, init_distributed
-    from pdeds.train.trainer import training_coeffs
 
     os.environ["OMP_NUM_THREADS"] = str(case["threads"])
     torch.set_num_threads(case["threads"])
@@ -239,7 +190,7 @@ def bench_rank(case: dict) -> dict:
     cfg = resolved.cfg
     rank, world = init_distributed()
     dev = device()
-    batch, micro_batch, _ = batch_sizes(resolved.ds, world)
+    batch, micro_batch, _ = resolved.view.batch_sizes(world)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.problem.dim, cfg.model).to(dev)
     n_params = count_parameters(model)
@@ -251,16 +202,15 @@ def bench_rank(case: dict) -> dict:
             "bench_step times the first-order step, use --set optim.name=adam"
         )
     log = DeepSpeedTimerLog(engine.timers)
-    coeffs = training_coeffs(resolved)
-    data = TrainingSet(coeffs, cfg.problem.dim, cfg.problem.eta, cfg.problem.family, dev)
-    nu_of = nu_source(data, case["data"])
-    stream = SampleStream(len(coeffs), cfg.data.seed)
+    stream, data = training_samples(cfg, training_coeffs(cfg), dev)
+    if case["data"] == "generate":
+        data.cache_bytes = 0  # nu from the coefficients at every call: a fresh stream does that
     engine.train()
     rows = []
     for step in range(case["warmup"] + case["steps"]):
         micro = split_global_batch(stream.indices(step * batch, batch), micro_batch, world, rank)
         distributed.barrier()
-        rows.append(timed_step(engine, micro, nu_of, cfg.problem.res, cfg, log))
+        rows.append(timed_step(engine, data, micro, cfg.problem.res, cfg, log))
     return {
         "rank": rank,
         "parameters": n_params,

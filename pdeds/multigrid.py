@@ -196,6 +196,18 @@ class Visit:
     def end(self) -> int:
         return self.start + self.steps
 
+    def samples_after(self, step: int) -> int:
+        """Stream samples drawn by the run's first ``step`` steps (``step`` in this visit):
+        sample_offset + (step - start) x batch."""
+        return self.sample_offset + (min(step, self.end) - self.start) * self.batch
+
+    def stream_position(self, step: int, hold: int = 1) -> int:
+        """First stream entry of global step ``step``'s batch. A batch is held for ``hold``
+        steps (L-BFGS's ``hold_steps``; 0 = the visit's first batch for the whole visit):
+        sample_offset + floor((step - start) / hold) x batch."""
+        k = (step - self.start) // hold if hold > 0 else 0
+        return self.sample_offset + k * self.batch
+
 
 def _share(total: int, weights: list[float]) -> list[int]:
     """Integers >= 1 proportional to ``weights`` summing to ``total`` (largest remainder)."""
@@ -234,7 +246,7 @@ def plan(
         cfg: the validated schedule.
         finest_res: problem.res.
         total_steps: train.steps, shared over the visits unless levels carry absolute budgets.
-        samples: training-set size K (for epoch budgets).
+        samples: training-set size K (for epoch budgets; a fresh stream has none: 0).
         batch, micro_batch: the DeepSpeed config's global and per-rank micro-batch.
         world: number of data-parallel ranks.
     """
@@ -290,3 +302,8 @@ def visit_at(visits_: list[Visit], step: int) -> Visit:
         if step < v.end:
             return v
     return visits_[-1]
+
+
+def samples_seen(visits_: list[Visit], step: int) -> int:
+    """Training samples drawn by the first ``step`` steps of the run."""
+    return visit_at(visits_, step).samples_after(step)

@@ -2,6 +2,7 @@
 
 pdeds train launch/configs/quickstart.yaml --run-dir runs/qs
 pdeds train CONFIG --set optim.lr=3e-4 --set ds.zero_optimization.stage=2 --resume auto
+pdeds train CONFIG --time-limit 4m        # stops on time; --resume auto --time-limit 10m goes on
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def add_parser(subparsers: Any) -> None:
         help="move an existing run in --run-dir aside and start anew",
     )
     p.add_argument(
+        "--time-limit",
+        default=None,
+        metavar="DURATION",
+        help="training wall-time budget (4m, 90s, 1h30m, or seconds): the run then checkpoints, "
+        "evaluates and stops; same as --set train.time_limit=DURATION",
+    )
+    p.add_argument(
         "--check-only",
         action="store_true",
         help="check the config, data, batch sizes for --ranks and the run directory; start "
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from pdeds.errors import PdedsError
     from pdeds.train.trainer import preflight, train
 
-    resolved = resolve(args.config, args.overrides)
+    limit = [f"train.time_limit={args.time_limit}"] if args.time_limit is not None else []
+    resolved = resolve(args.config, [*args.overrides, *limit])
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     if args.ranks is not None and not args.check_only:
         raise PdedsError("--ranks goes with --check-only; the launcher sets the world size")
@@ -75,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         ranks = args.ranks if args.ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
         if ranks < 1:
             raise PdedsError(f"--ranks: must be >= 1, got {ranks}")
-        line = preflight(resolved, run_dir, ranks, resume=args.resume, force=args.force)
-        print(f"pdeds: check ok: {line}", flush=True)
+        setup = preflight(resolved, run_dir, ranks, resume=args.resume, force=args.force)
+        print(f"pdeds: check ok: {setup.describe()}", flush=True)
         return 0
     summary = train(resolved, run_dir, resume=args.resume, force=args.force)
     return 0 if summary["completed"] or summary["steps"] > 0 else 1

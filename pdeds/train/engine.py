@@ -8,6 +8,7 @@ free port. The backend is gloo on CPU and nccl on CUDA. Before the first
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,13 +55,23 @@ def init_distributed() -> tuple[int, int]:
     return distributed.rank(), distributed.world_size()
 
 
-def build_engine(model: nn.Module, cfg: ExperimentConfig, ds: dict[str, Any]) -> tuple[Any, dict]:
-    """deepspeed.initialize with the experiment's client optimizer; returns (engine, ds used)."""
+def build_engine(
+    model: nn.Module,
+    cfg: ExperimentConfig,
+    ds: dict[str, Any],
+    *,
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+) -> tuple[Any, dict]:
+    """deepspeed.initialize with the experiment's client optimizer and, if given, the LR
+    scheduler ``lr_scheduler(optimizer)`` on it; returns (engine, DeepSpeed config used)."""
     import deepspeed
 
     skip_shm_comm_build()
     ds = prepare_ds_config(cfg.optim, ds)
     ds.setdefault("steps_per_print", 1 << 30)
     optimizer = build_optimizer(model, cfg.optim, ds)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    sched = lr_scheduler(optimizer) if lr_scheduler is not None else None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=sched, config=ds
+    )
     return engine, ds

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pdeds.train.clock import fmt_duration
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak, or max RSS on CPU (MiB)."""
@@ -88,19 +90,24 @@ class Monitor:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.tb.add_scalar(k.replace("time_", "time/"), v, step)
 
-    def progress(self, step: int, loss: float, sps: float, level: int, res: int) -> None:
-        """Advance the bar (terminal) or print a plain line (log files)."""
+    def progress(
+        self, step: int, loss: float, sps: float, level: int, res: int, eta: float | None
+    ) -> None:
+        """Advance the bar (terminal) or print a plain line (log files); ``eta`` in seconds."""
         if not self.enabled:
             return
+        left = fmt_duration(eta) if eta is not None else "?"
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.4g}", sps=f"{sps:.1f}", res=res, refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4g}", sps=f"{sps:.1f}", res=res, eta=left, refresh=False
+            )
             self.bar.refresh()
         else:
             el = time.perf_counter() - self.t0
             print(
                 f"step {step}/{self.total} loss {loss:.6g} samples/s {sps:.2f} "
-                f"level {level} res {res} elapsed {el:.0f}s",
+                f"level {level} res {res} elapsed {el:.0f}s eta {left}",
                 flush=True,
             )
 

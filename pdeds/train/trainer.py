@@ -1,22 +1,28 @@
-"""The training loop: forward_backward (loss of a micro-batch) -> train_step -> train.
+"""The training loop, in torchtitan's shape: ``train_step`` -> ``train``.
 
 Launch (the same module under every launcher):
 
     pdeds train launch/configs/quickstart.yaml --run-dir runs/qs       # 1 process
     launch/local 2 launch/configs/quickstart.yaml --run-dir runs/qs2   # deepspeed, 2 ranks
     torchrun --nproc_per_node 2 -m pdeds train CONFIG --run-dir DIR
+    pdeds train CONFIG --run-dir DIR --time-limit 4m                   # then --resume auto
 
-The loss of a step is the mean energy J_h(U_theta(nu_b)) over the global batch (METHOD.md
-sec. 3 and 6): each micro-batch returns its mean, and DeepSpeed averages over accumulation steps
-and ranks.
+``preflight`` decides what needs no engine (batch sizes, training samples, visits, run
+directory, checkpoint to resume) into a ``RunSetup``: the launchers run it once for N ranks
+(``--check-only``) and every rank builds its ``Trainer`` from it, so the two cannot disagree.
+A step's loss is the mean energy over the global batch (``pdeds.train.step``, METHOD.md sec. 3
+and 6); its learning rate comes from the LR scheduler (``pdeds.train.lr``); when to stop from
+the clock (``pdeds.train.clock``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,294 +30,356 @@ import numpy as np
 import torch
 
 from pdeds import __version__, distributed
-from pdeds.config import Resolved, batch_sizes, dump_yaml, visits_for
+from pdeds.config import Resolved, dump_yaml, visits_for
 from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
-from pdeds.multigrid import Visit, visit_at
-from pdeds.optim import client_optimizer, engine_step
-from pdeds.train import checkpoint, rundir
-from pdeds.train.data import SampleStream, TrainingSet, split_global_batch
+from pdeds.multigrid import Visit, samples_seen, visit_at
+from pdeds.optim import client_optimizer
+from pdeds.train import checkpoint, lr, rundir
+from pdeds.train.clock import StopRequest, TrainClock, fmt_duration
+from pdeds.train.data import split_global_batch, training_coeffs, training_samples
 from pdeds.train.engine import build_engine, device, init_distributed
 from pdeds.train.evaluate import evaluate, held_out_memory_problem, load_held_out
 from pdeds.train.hook import LevelHook
-from pdeds.train.loss import micro_batch_loss
 from pdeds.train.monitor import Monitor, peak_memory_mb
+from pdeds.train.step import Phases, train_step
 
 
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, checkpoints and exits 0."""
+@dataclass(frozen=True)
+class RunSetup:
+    """A run as decided before any engine exists (what ``preflight`` returns)."""
 
-    def __init__(self) -> None:
-        self.flag = False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
+    res: Resolved
+    run_dir: Path
+    world: int
+    batch: tuple[int, int, int]
+    """(global batch, micro-batch per rank, accumulation steps) for ``world`` ranks."""
+    coeffs: np.ndarray | None
+    """The fixed training set; None for a fresh stream (data.train_samples: 0)."""
+    visits: list[Visit]
+    config_text: str
+    """The resolved config as config.yaml holds it."""
+    checkpoint: Path | None
+    """The complete checkpoint to resume from."""
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.flag = True
+    @property
+    def total_steps(self) -> int:
+        return self.visits[-1].end
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (one scalar all-reduce per step)."""
-        t = distributed.all_reduce_max(torch.tensor([1.0 if self.flag else 0.0]))
-        return bool(t.item() > 0)
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def training_coeffs(res: Resolved) -> np.ndarray:
-    """The training coefficient vectors: drawn with data.seed, or read from data.path."""
-    cfg = res.cfg
-    if cfg.data.path is not None:
-        from pdeds.data.hdf5 import read_coefficients
-
-        coeffs, meta = read_coefficients(cfg.data.path)
-        if coeffs.shape[1] != cfg.problem.modes:
-            raise PdedsError(
-                f"data.path {cfg.data.path} holds {coeffs.shape[1]} modes but problem.modes is "
-                f"{cfg.problem.modes}; make them agree"
-            )
-        return coeffs[: cfg.data.train_samples]
-    from pdeds.physics.kl import sample_coefficients
-
-    p = cfg.problem
-    return sample_coefficients(cfg.data.train_samples, p.modes, cfg.data.seed, sobol=cfg.data.sobol)
+    def describe(self) -> str:
+        """One line: ranks, batch, samples, visits, steps, where it starts."""
+        g, mb, acc = self.batch
+        samples = "fresh" if self.coeffs is None else str(len(self.coeffs))
+        start = f"resumes from {self.checkpoint}" if self.checkpoint else "starts at step 0"
+        return (
+            f"{self.world} rank(s), global batch {g} = {mb} x {acc} x {self.world}, {samples} "
+            f"training samples, {len(self.visits)} visit(s), {self.total_steps} steps; "
+            f"{self.run_dir} {start}"
+        )
 
 
 def preflight(
-    res: Resolved, run_dir: Path, world: int, *, resume: str | None = None, force: bool = False
-) -> str:
-    """What ``train`` checks before any rank builds an engine, for ``world`` ranks, leaving
-    ``run_dir`` untouched: the batch sizes, the training data, the visit plan, the run directory,
-    whether rank 0 can solve the held-out references, and the checkpoint to resume. Launchers
-    run it once (``pdeds train --check-only --ranks N``) so that a bad input is one error before
-    N ranks start, not N errors after. Returns a line describing the run."""
-    g, mb, acc = batch_sizes(res.ds, world)
-    coeffs = training_coeffs(res)
-    visits = visits_for(res, world, len(coeffs))
-    why = rundir.verdict(run_dir, dump_yaml(res.cfg), resume, force)
-    why = why or held_out_memory_problem(res.cfg, run_dir / "cache")
+    res: Resolved,
+    run_dir: Path,
+    world: int,
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    memory: bool = True,
+) -> RunSetup:
+    """Everything ``train`` checks before an engine exists, for ``world`` ranks, leaving
+    ``run_dir`` untouched: batch sizes, training data, the visit plan, the LR scheduler's name,
+    the run directory, (with ``memory``) whether rank 0 can solve the held-out references, and
+    the checkpoint to resume. Launchers run it once (``pdeds train --check-only --ranks N``) so
+    that a bad input is one error before N ranks start, not N errors after."""
+    batch = res.view.batch_sizes(world)
+    coeffs = training_coeffs(res.cfg)
+    visits = visits_for(res, world, 0 if coeffs is None else len(coeffs))
+    if res.view.scheduler is not None:
+        lr.scheduler_class(res.view.scheduler)
+    config_text = dump_yaml(res.cfg)
+    why = rundir.verdict(run_dir, config_text, resume, force)
+    if why is None and memory:
+        why = held_out_memory_problem(res.cfg, run_dir / "cache")
     if why is not None:
         raise PdedsError(why)
     ckpt = checkpoint.resolve_resume(run_dir, resume)
-    start = f"resumes from {ckpt}" if ckpt is not None else "starts at step 0"
-    return (
-        f"{world} rank(s), global batch {g} = {mb} x {acc} x {world}, {len(coeffs)} training "
-        f"samples, {len(visits)} visit(s), {visits[-1].end} steps; {run_dir} {start}"
-    )
+    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt)
 
 
-def train(res: Resolved, run_dir: Path, *, resume: str | None = None, force: bool = False) -> dict:
-    """Train, evaluate and checkpoint one experiment; returns the summary (also summary.json)."""
-    t_start = time.perf_counter()
-    cfg = res.cfg
-    rank, world = init_distributed()
-    dev = device()
-    g, mb, _ = batch_sizes(res.ds, world)
-    coeffs = training_coeffs(res)
-    visits = visits_for(res, world, len(coeffs))
-    if world == 1 and (why := held_out_memory_problem(cfg, run_dir / "cache")):
-        raise PdedsError(why)  # with more ranks the launchers' check (preflight) says it
-    config_text = dump_yaml(cfg)
-    rundir.prepare(run_dir, config_text, resume, force)
-    ckpt_path = checkpoint.resolve_resume(run_dir, resume)
+def train(
+    res: Resolved,
+    run_dir: Path,
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    now: Callable[[], float] = time.perf_counter,
+) -> dict:
+    """Train, evaluate and checkpoint one experiment on this rank; returns the summary (also
+    summary.json). ``now`` is the training clock's time source."""
+    _, world = init_distributed()
+    # Memory readings differ between ranks that are already running: the launchers' check says it.
+    setup = preflight(res, run_dir, world, resume=resume, force=force, memory=world == 1)
+    rundir.prepare(run_dir, setup.config_text, resume, force)
+    return Trainer(setup, now=now).train()
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.problem.dim, cfg.model).to(dev)
-    n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
-    engine, ds_used = build_engine(model, cfg, res.ds)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(config_text)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
 
-    start, clock = 0, {"train_s": 0.0, "evaluated": 0}
-    if ckpt_path is not None:
-        state = checkpoint.load(engine, ckpt_path)
-        start = state["step"]
-        clock.update(train_s=state.get("train_s", 0.0), evaluated=state.get("evaluated", 0))
-    total = visits[-1].end
-    mon = Monitor(run_dir, enabled=rank == 0, total_steps=total, start_step=start)
-    mon.say(
-        f"pdeds {__version__}: {world} rank(s), {n_params:,} parameters, "
-        f"{len(coeffs)} training samples, {len(visits)} visit(s), {total} steps"
-        + (f", resumed at step {start} from {ckpt_path}" if ckpt_path else "")
-    )
-    data = TrainingSet(coeffs, cfg.problem.dim, cfg.problem.eta, cfg.problem.family, dev)
-    stream = SampleStream(len(coeffs), cfg.data.seed)
-    held_out = load_held_out(cfg, cfg.train.eval_res or cfg.problem.res, run_dir / "cache")
+@dataclass
+class StepStats:
+    """What one optimizer step did."""
 
-    def on_switch(v: Visit) -> None:
-        mon.say(
-            f"visit {v.index}: level {v.level} res {v.res} for {v.steps} steps "
-            f"(batch {v.batch}, micro-batch {v.micro_batch}, lr x{v.lr_scale:g})"
-        )
+    step: int
+    """Steps done after it."""
+    loss: float
+    lr: float
+    seconds: float
+    evaluations: int
+    """Global-batch evaluations (L-BFGS line search: several; else 1)."""
+    visit: Visit
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of data / forward / energy (summed over micro-batches and evaluations)."""
 
-    hook = LevelHook(
-        visits,
-        engine,
-        optimizer_state=cfg.schedule.optimizer_state,
-        on_switch=on_switch,
-        base_lr=cfg.optim.lr,
-        lr_factor=lambda s: cfg.train.lr_factor(s, total),
-    )
-    timers: dict[str, float] = {}
-
-    def forward_backward_loss(idx: np.ndarray) -> torch.Tensor:
-        """Mean energy of one micro-batch through the engine (the loss_fn of the protocol)."""
-        t0 = time.perf_counter()
-        nu = data.nu(idx, hook.current.res)
-        t1 = time.perf_counter()
-        u = engine(nu)
-        t2 = time.perf_counter()
-        loss = micro_batch_loss(u, nu, cfg.problem.f, cfg.train.loss_weighting)
-        t3 = time.perf_counter()
-        for k, dt in (("data", t1 - t0), ("forward", t2 - t1), ("energy", t3 - t2)):
-            timers[k] = timers.get(k, 0.0) + dt
-        return loss
-
-    def run_eval(step: int) -> dict:
-        engine.eval()
-        scores = evaluate(engine, held_out, cfg.problem.f, max(1, mb), dev)
-        if rank == 0:
-            with torch.no_grad():
-                pred = engine(held_out.nu[:1].float().to(dev)).cpu()
-            mon.images(step, held_out.nu[0], pred[0], held_out.u_ref[0])
-        engine.train()
-        row = {
-            "step": step,
-            "level": hook.current.level,
-            "res": hook.current.res,
-            "train_s": clock["train_s"],
-            "samples": samples_seen(step),
-            "samples_evaluated": clock["evaluated"],
-            **scores,
+    def row(self) -> dict[str, Any]:
+        """Its part of a metrics.jsonl row."""
+        v, p = self.visit, self.phases
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "lr": self.lr,
+            "samples_per_s": v.batch / self.seconds,
+            "level": v.level,
+            "res": v.res,
+            "batch": v.batch,
+            "micro_batch": v.micro_batch,
+            "visit": v.index,
+            "evaluations": self.evaluations,
+            "time_step_s": self.seconds,
+            **{f"time_{k}_s": p.get(k, 0.0) for k in ("data", "forward", "energy")},
+            "time_backward_optimizer_s": self.seconds - sum(p.values()),
         }
-        mon.log(row)
-        mon.say(
+
+
+class Trainer:
+    """One rank's run: engine, samples, level hook, LR schedule, clock and monitor.
+
+    Args:
+        setup: what ``preflight`` decided.
+        engine: an engine to train instead of building one (a test passes a fake).
+        now: the clock's time source in seconds (a test passes a fake).
+    """
+
+    def __init__(self, setup: RunSetup, *, engine: Any = None, now=time.perf_counter) -> None:
+        cfg = self.cfg = setup.res.cfg
+        self.setup, self.total = setup, setup.total_steps
+        self.t_start = time.perf_counter()
+        self.rank, self.device = distributed.rank(), device()
+        if engine is None:
+            engine, self.parameters = self._build_engine()
+        else:
+            self.parameters = count_parameters(engine.module)
+        self.engine = engine
+        self.stream, self.data = training_samples(cfg, setup.coeffs, self.device)
+        self.hook = LevelHook(
+            setup.visits, self.engine, optimizer_state=cfg.schedule.optimizer_state,
+            on_switch=self._announce_visit,
+        )  # fmt: skip
+        self.clock = TrainClock(cfg.train.time_limit_s, now=now)
+        # L-BFGS is not stochastic: it keeps one global batch for hold_steps steps (0 = forever).
+        self.hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
+        self.start = 0
+        if setup.checkpoint is not None:
+            self.load_state_dict(checkpoint.load(self.engine, setup.checkpoint))
+        self.monitor = Monitor(
+            setup.run_dir, enabled=self.rank == 0, total_steps=self.total, start_step=self.start
+        )
+        eval_res = cfg.train.eval_res or cfg.problem.res
+        self.held_out = load_held_out(cfg, eval_res, setup.run_dir / "cache")
+        self.scores: dict[str, float] = {}
+        self.evaluated_at: int | None = None
+
+    def _build_engine(self) -> tuple[Any, int]:
+        """The model (seeded by train.seed) in a DeepSpeed engine with the run's LR scheduler,
+        and its parameter count; rank 0 writes config.yaml and the DeepSpeed JSON as used."""
+        cfg, setup = self.cfg, self.setup
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.problem.dim, cfg.model).to(self.device)
+        n_params = count_parameters(model)  # before ZeRO-3 partitions them away
+        sched = partial(lr.build_scheduler, cfg.train, setup.visits, setup.res.ds)
+        engine, ds_used = build_engine(model, cfg, setup.res.ds, lr_scheduler=sched)
+        if self.rank == 0:
+            (setup.run_dir / "config.yaml").write_text(setup.config_text)
+            (setup.run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
+        return engine, n_params
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What a checkpoint keeps besides the engine: schedule position and clock."""
+        return {
+            "schedule": self.hook.state_dict(step),
+            "samples_seen": samples_seen(self.setup.visits, step),
+            **self.clock.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state`` (a checkpoint's): its step and clock, this run's LR."""
+        self.start = int(state["step"])
+        self.clock.load_state_dict(state)
+        self.engine.lr_scheduler.apply()  # over the lr the checkpoint's optimizer state holds
+
+    def train_step(self, step: int) -> StepStats:
+        """Optimizer step ``step`` (0-based) on its global batch of the sample stream."""
+        v = self.hook.before_step(step)
+        ids = self.stream.indices(v.stream_position(step, self.hold), v.batch)
+        micro = split_global_batch(ids, v.micro_batch, self.setup.world, self.rank)
+        rate, phases = self.engine.optimizer.param_groups[0]["lr"], Phases()
+        f, weighting = self.cfg.problem.f, self.cfg.train.loss_weighting
+        t0 = self.clock.now()
+        loss = train_step(
+            self.engine, self.data, micro, res=v.res, f=f, weighting=weighting, phases=phases
+        )
+        seconds = self.clock.now() - t0
+        evals = getattr(client_optimizer(self.engine), "evaluations_last_step", 1)
+        self.clock.step_done(evals * v.batch)
+        if not math.isfinite(loss):
+            last = checkpoint.latest(self.setup.run_dir / "checkpoints")
+            raise PdedsError(
+                f"non-finite loss ({loss}) at step {step + 1}; stopped without saving. The last "
+                f"good checkpoint is {last or 'none'}; lower optim.lr and --resume from it"
+            )
+        return StepStats(step + 1, loss, rate, seconds, evals, v, phases.wall)
+
+    def log(self, stats: StepStats) -> None:
+        """A metrics row every train.log_every steps and at the end, and the progress line."""
+        step, v = stats.step, stats.visit
+        if step % self.cfg.train.log_every and step != self.total:
+            return
+        clock = {"train_s": self.clock.train_s, "samples": samples_seen(self.setup.visits, step)}
+        clock["samples_evaluated"] = self.clock.evaluated
+        self.monitor.log({**stats.row(), **clock, "peak_memory_mb": peak_memory_mb(self.device)})
+        eta = self.clock.eta(self.total - step)
+        self.monitor.progress(step, stats.loss, v.batch / stats.seconds, v.level, v.res, eta)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out scores after ``step`` steps, logged with TensorBoard slices on rank 0; the
+        time it takes is not training time."""
+        ho, batch = self.held_out, max(1, self.setup.batch[1])
+        with self.clock.paused():
+            self.engine.eval()
+            scores = evaluate(self.engine, ho, self.cfg.problem.f, batch, self.device)
+            if self.rank == 0:
+                with torch.no_grad():
+                    pred = self.engine(ho.nu[:1].float().to(self.device)).cpu()
+                self.monitor.images(step, ho.nu[0], pred[0], ho.u_ref[0])
+            self.engine.train()
+        v = visit_at(self.setup.visits, max(step - 1, 0))
+        self.monitor.log(
+            {
+                "step": step, "level": v.level, "res": v.res, "train_s": self.clock.train_s,
+                "samples": samples_seen(self.setup.visits, step),
+                "samples_evaluated": self.clock.evaluated, **scores,
+            }
+        )  # fmt: skip
+        self.monitor.say(
             f"eval step {step}: val rel-L2 mean {scores['val_rel_l2_mean']:.4g} "
             f"max {scores['val_rel_l2_max']:.4g}, energy gap {scores['val_energy_gap']:.3g} "
             f"(lifting baseline rel-L2 {scores['baseline_rel_l2_mean']:.4g})"
         )
+        self.scores, self.evaluated_at = scores, step
         return scores
 
-    def save(step: int) -> None:
-        checkpoint.save(
-            engine,
-            run_dir / "checkpoints",
-            step,
-            {
-                "schedule": hook.state_dict(step),
-                "samples_seen": samples_seen(step),
-                "train_s": clock["train_s"],
-                "evaluated": clock["evaluated"],
-            },
-            cfg.train.keep_checkpoints,
+    def eval_due(self, step: int) -> bool:
+        """Every train.eval_every steps and at the end of every visit of a multigrid schedule,
+        short of the end (the final evaluation follows the loop)."""
+        every = self.cfg.train.eval_every
+        visit_end = len(self.setup.visits) > 1 and self.hook.visit_ends_after(step - 1)
+        return bool((every and step % every == 0) or visit_end) and step != self.total
+
+    def maybe_save(self, step: int, stopping: bool) -> None:
+        """Checkpoint on a stop, at the end, and every train.checkpoint_every steps."""
+        every = self.cfg.train.checkpoint_every
+        if stopping or step == self.total or (every and step % every == 0):
+            root = self.setup.run_dir / "checkpoints"
+            keep = self.cfg.train.keep_checkpoints
+            checkpoint.save(self.engine, root, step, self.state_dict(step), keep)
+
+    def train(self) -> dict[str, Any]:
+        """Steps until the schedule ends, the time budget is spent or a signal arrives; then a
+        checkpoint, the final evaluation (not after a signal) and summary.json."""
+        self._announce_run()
+        step, stop = self.start, StopRequest()
+        try:
+            stopped = stop.agreed(self.clock)  # a resumed run may have spent its budget
+            self.engine.train()
+            self.clock.start()
+            self.t_loop = time.perf_counter()
+            while step < self.total and stopped is None:
+                stats = self.train_step(step)
+                step = stats.step
+                self.log(stats)
+                if self.eval_due(step):
+                    self.evaluate(step)
+                stopped = stop.agreed(self.clock)
+                self.maybe_save(step, stopping=stopped is not None)
+            self._announce_stop(step, stopped)
+            if (step == self.total or stopped == "time_limit") and self.evaluated_at != step:
+                self.evaluate(step)
+        finally:
+            stop.restore()
+            self.monitor.close()
+        return self._summary(step, stopped)
+
+    def _summary(self, step: int, stopped: str | None) -> dict[str, Any]:
+        """summary.json (rank 0 writes it)."""
+        summary = {
+            "steps": step,
+            "total_steps": self.total,
+            "completed": step == self.total,
+            "stopped": stopped,
+            "world_size": self.setup.world,
+            "wall_s": time.perf_counter() - self.t_start,
+            "train_s": time.perf_counter() - self.t_loop,
+            "samples_seen": samples_seen(self.setup.visits, step),
+            "train_time_s": self.clock.train_s,
+            "parameters": self.parameters,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            **self.scores,
+        }
+        if self.rank == 0:
+            (self.setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _announce_run(self) -> None:
+        setup, cfg = self.setup, self.cfg
+        samples = "fresh" if setup.coeffs is None else f"{len(setup.coeffs)}"
+        limit, ckpt = cfg.train.time_limit_s, setup.checkpoint
+        self.monitor.say(
+            f"pdeds {__version__}: {setup.world} rank(s), {self.parameters:,} parameters, "
+            f"{samples} training samples, {len(setup.visits)} visit(s), {self.total} steps"
+            + (f", time limit {fmt_duration(limit)}" if limit else "")
+            + (f", resumed at step {self.start} from {ckpt}" if ckpt else "")
+        )
+        g = setup.batch[0]
+        if self.hold == 0 and setup.coeffs is not None and g < len(setup.coeffs):
+            self.monitor.say(
+                f"note: L-BFGS holds one global batch of {g} of the {len(setup.coeffs)} training "
+                "samples for the whole run (optim.lbfgs.hold_steps: 0); set ds.train_batch_size "
+                f"to {len(setup.coeffs)} for full-batch L-BFGS or lbfgs.hold_steps > 0 to move on"
+            )
+
+    def _announce_visit(self, v: Visit) -> None:
+        self.monitor.say(
+            f"visit {v.index}: level {v.level} res {v.res} for {v.steps} steps "
+            f"(batch {v.batch}, micro-batch {v.micro_batch}, lr x{v.lr_scale:g})"
         )
 
-    def samples_seen(step: int) -> int:
-        """Training samples consumed by the first ``step`` steps."""
-        v = visit_at(visits, step)
-        return v.sample_offset + (min(step, v.end) - v.start) * v.batch
-
-    # L-BFGS is not stochastic: it keeps one global batch for hold_steps steps (0 = forever).
-    hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
-    if hold == 0 and g < len(coeffs):
-        mon.say(
-            f"note: L-BFGS holds one global batch of {g} of the {len(coeffs)} training samples "
-            "for the whole run (optim.lbfgs.hold_steps: 0); set ds.train_batch_size to "
-            f"{len(coeffs)} for full-batch L-BFGS or lbfgs.hold_steps > 0 to move on"
-        )
-
-    def stream_position(v: Visit, step: int) -> int:
-        """First stream entry of ``step``'s global batch (held batches repeat a position)."""
-        k = step - v.start
-        return v.sample_offset + ((k // hold) if hold > 0 else 0) * v.batch
-
-    stop = StopRequest()
-    scores: dict = {}
-    step = start
-    t_loop = time.perf_counter()
-    try:
-        engine.train()
-        while step < total:
-            v = hook.before_step(step)
-            timers.clear()
-            t0 = time.perf_counter()
-            idx = stream.indices(stream_position(v, step), v.batch)
-            micro = split_global_batch(idx, v.micro_batch, world, rank)
-            loss = engine_step(engine, micro, forward_backward_loss)
-            dt = time.perf_counter() - t0
-            evals = getattr(client_optimizer(engine), "evaluations_last_step", 1)
-            clock["train_s"] += dt
-            clock["evaluated"] += evals * v.batch
-            if not math.isfinite(loss):
-                last = checkpoint.latest(run_dir / "checkpoints")
-                raise PdedsError(
-                    f"non-finite loss ({loss}) at step {step + 1}; stopped without saving. "
-                    f"The last "
-                    f"good checkpoint is {last or 'none'}; lower optim.lr and --resume from it"
-                )
-            step += 1
-            if step % cfg.train.log_every == 0 or step == total:
-                lr = engine.optimizer.param_groups[0]["lr"]
-                row = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "samples_per_s": v.batch / dt,
-                    "level": v.level,
-                    "res": v.res,
-                    "batch": v.batch,
-                    "micro_batch": v.micro_batch,
-                    "visit": v.index,
-                    "train_s": clock["train_s"],
-                    "samples": samples_seen(step),
-                    "evaluations": evals,
-                    "samples_evaluated": clock["evaluated"],
-                    "time_step_s": dt,
-                    "time_data_s": timers.get("data", 0.0),
-                    "time_forward_s": timers.get("forward", 0.0),
-                    "time_energy_s": timers.get("energy", 0.0),
-                    "time_backward_optimizer_s": dt - sum(timers.values()),
-                    "peak_memory_mb": peak_memory_mb(dev),
-                }
-                mon.log(row)
-                mon.progress(step, loss, v.batch / dt, v.level, v.res)
-            at_visit_end = hook.visit_ends_after(step - 1) and len(hook.visits) > 1
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or at_visit_end:
-                if step != total:
-                    scores = run_eval(step)
-            stopping = stop.agreed()
-            if (
-                stopping
-                or step == total
-                or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-            ):
-                save(step)
-            if stopping:
-                mon.say(
-                    f"stop requested: checkpoint saved at step {step}; resume with --resume auto"
-                )
-                break
-        if step == total:
-            scores = run_eval(step)
-    finally:
-        stop.restore()
-        mon.close()
-    summary = {
-        "steps": step,
-        "total_steps": total,
-        "completed": step == total,
-        "world_size": world,
-        "wall_s": time.perf_counter() - t_start,
-        "train_s": time.perf_counter() - t_loop,
-        "samples_seen": samples_seen(step),
-        "train_time_s": clock["train_s"],
-        "parameters": n_params,
-        "peak_memory_mb": peak_memory_mb(dev),
-        **scores,
-    }
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def _announce_stop(self, step: int, stopped: str | None) -> None:
+        if stopped == "signal":
+            self.monitor.say(
+                f"stop requested: checkpoint saved at step {step}; resume with --resume auto"
+            )
+        elif stopped == "time_limit":
+            spent, limit = fmt_duration(self.clock.train_s), fmt_duration(self.clock.limit_s)
+            self.monitor.say(
+                f"stopped on time: time limit {limit} reached after {spent} of training at step "
+                f"{step}/{self.total}; checkpoint at step {step}; continue with --resume auto "
+                "and a larger --time-limit"
+            )

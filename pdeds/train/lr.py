@@ -1,0 +1,125 @@
+"""The learning-rate schedule as an LR scheduler that the engine steps after every optimizer step.
+
+    lr(s)     = optim.lr x warmup(s) x decay(s) x lr_scale(level of step s)
+    warmup(s) = min(1, (s + 1) / warmup_steps)                          (1 without warm-up)
+    decay(s)  = 1 (constant) | r + (1 - r) (1 + cos(pi min(1, s / S))) / 2 (cosine)
+
+for step s = 0, 1, ... of S = total steps, r = train.min_lr_ratio. With a "scheduler" block in
+the DeepSpeed JSON, DeepSpeed's scheduler (built from the block as DeepSpeed builds it) gives
+lr_DS(s) and the level's scale multiplies it: lr(s) = lr_DS(s) x lr_scale(level of s).
+
+Both are handed to ``deepspeed.initialize``, which steps them once per optimizer step and saves
+their state in checkpoints. A checkpoint's optimizer state also restores the learning rate it
+was saved with; ``apply()`` after loading writes this run's lr(s) instead (a resumed run may have
+a longer ``train`` section, hence another cosine or other visits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pdeds.config.schema import TrainConfig
+from pdeds.errors import PdedsError
+from pdeds.multigrid import Visit, visit_at
+
+
+def lr_factor(train: TrainConfig, step: int, total: int) -> float:
+    """warmup(step) x decay(step) of ``train`` for a run of ``total`` steps."""
+    warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
+    if train.lr_schedule == "constant":
+        return warm
+    t = min(1.0, step / max(1, total))
+    r = train.min_lr_ratio
+    return warm * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def schedule_lambda(train: TrainConfig, visits: list[Visit]) -> Callable[[int], float]:
+    """lr(s) / optim.lr: warmup x decay x the lr_scale of the visit that owns step s."""
+    total = visits[-1].end
+
+    def factor(step: int) -> float:
+        return lr_factor(train, step, total) * visit_at(visits, step).lr_scale
+
+    return factor
+
+
+class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` with ``apply()``: set every group's lr to base x lambda(last step)."""
+
+    def apply(self) -> None:
+        lam = self.lr_lambdas[0]
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lam(self.last_epoch)
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+class LevelScaled:
+    """DeepSpeed's own scheduler times the level scale: lr(s) = lr_DS(s) x scale(s).
+
+    ``step`` hands the inner scheduler the unscaled rates (schedulers that update the group's lr
+    multiplicatively read them), records what it sets, then scales.
+    """
+
+    def __init__(self, inner: Any, scale: Callable[[int], float]) -> None:
+        self.inner = inner
+        self.scale = scale
+        self.optimizer = inner.optimizer
+        self.last_step = 0
+        self.unscaled = [g["lr"] for g in self.optimizer.param_groups]
+        self.apply()
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.unscaled):
+            group["lr"] = lr
+        self.inner.step(*args, **kwargs)
+        self.unscaled = [g["lr"] for g in self.optimizer.param_groups]
+        self.last_step += 1
+        self.apply()
+
+    def apply(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.unscaled):
+            group["lr"] = lr * self.scale(self.last_step)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "unscaled": self.unscaled, "step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.unscaled, self.last_step = list(state["unscaled"]), int(state["step"])
+
+
+def scheduler_class(name: str) -> type:
+    """The class of a DeepSpeed "scheduler" block's type, found as ``DeepSpeedEngine`` finds it:
+    in ``deepspeed.runtime.lr_schedules``, else in ``torch.optim.lr_scheduler``."""
+    from deepspeed.runtime import lr_schedules
+
+    cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
+    if not isinstance(cls, type):
+        raise PdedsError(
+            f"ds.scheduler.type: DeepSpeed knows no LR scheduler {name!r}; use one of "
+            "WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest, or drop the block "
+            "(train.lr_schedule then sets the schedule)"
+        )
+    return cls
+
+
+def build_scheduler(
+    train: TrainConfig, visits: list[Visit], ds: dict[str, Any], optimizer: torch.optim.Optimizer
+) -> ScheduledLR | LevelScaled:
+    """The run's LR scheduler on the client ``optimizer`` (before ``deepspeed.initialize``)."""
+    if ds.get("scheduler"):
+        block = ds["scheduler"]
+        inner = scheduler_class(block["type"])(optimizer, **(block.get("params") or {}))
+        return LevelScaled(inner, _scale(visits))
+    return ScheduledLR(optimizer, schedule_lambda(train, visits))
+
+
+def _scale(visits: list[Visit]) -> Callable[[int], float]:
+    return lambda step: visit_at(visits, step).lr_scale
