@@ -193,28 +193,18 @@ def conv_flops(dim: int, model_cfg: Any, res: int, batch: int) -> float:
     )
 
 
-def timed_step(engine: Any, data: Any, idx: np.ndarray, res: int, f: float, dev: torch.device):
-    """One training step; returns the seconds of data / forward / energy / backward / step."""
-    from pdeds.physics import fem
+def timed_step(engine: Any, data: Any, idx: np.ndarray, cfg: Any, dev: torch.device):
+    """One training step (the trainer's, ``pdeds.train.step.train_step``) on one micro-batch;
+    returns the device-synchronised seconds of data / forward / energy / backward / optimizer
+    and the loss."""
+    from pdeds.train.step import MarkedEngine, Phases, train_step
 
-    t = [time.perf_counter()]
-
-    def mark() -> None:
-        sync(dev)
-        t.append(time.perf_counter())
-
-    nu = data.nu(idx, res)
-    mark()
-    u = engine(nu)
-    mark()
-    loss = fem.energy(u.float(), nu, f).mean()
-    mark()
-    engine.backward(loss)
-    mark()
-    engine.step()
-    mark()
-    parts = ("data", "forward", "energy", "backward", "optimizer")
-    return {k: t[i + 1] - t[i] for i, k in enumerate(parts)}, float(loss.detach())
+    phases = Phases(sync=lambda: sync(dev))
+    loss = train_step(
+        MarkedEngine(engine, phases), data, [idx], res=cfg.problem.res, f=cfg.problem.f,
+        weighting=cfg.train.loss_weighting, phases=phases,
+    )  # fmt: skip
+    return dict(phases.wall), loss
 
 
 def row_head(row: Row, engine: str) -> dict[str, Any]:
@@ -282,10 +272,10 @@ def _measure(row: Row, ctx: dict[str, Any], clock: Clock, out: dict[str, Any]) -
             engine = TorchEngine(model, cfg.optim.lr)
         try:
             for _ in range(row.warmup):
-                timed_step(engine, data, idx, row.res, cfg.problem.f, dev)
+                timed_step(engine, data, idx, cfg, dev)
             t0 = time.perf_counter()
             while len(times) < row.steps:
-                parts, loss = timed_step(engine, data, idx, row.res, cfg.problem.f, dev)
+                parts, loss = timed_step(engine, data, idx, cfg, dev)
                 times.append(parts)
                 result["loss"] = loss
                 if time.perf_counter() - t0 > row.budget_s or clock.left() < 5:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pdeds.config import ExperimentConfig, batch_sizes, dump_yaml, resolve
+from pdeds.config import ExperimentConfig, batch_sizes, dump_yaml, parse_duration, resolve
 from pdeds.errors import PdedsError
 
 
@@ -28,11 +28,14 @@ def test_overrides_types_and_ds_patch():
             "model.width=4",
             "ds.zero_optimization.stage=2",
             "ds.bf16.enabled=true",
+            "ds.scheduler={type: WarmupLR, params: {warmup_max_lr: 1e-3, warmup_num_steps: 5}}",
         ],
     )
     assert r.cfg.optim.lr == pytest.approx(3e-4) and isinstance(r.cfg.optim.lr, float)
     assert r.cfg.problem.dim == 2 and r.cfg.model.width == 4
     assert r.ds["zero_optimization"]["stage"] == 2 and r.ds["bf16"]["enabled"] is True
+    # PyYAML reads 1e-3 as a string; a DeepSpeed value gets it as the number it is
+    assert r.ds["scheduler"]["params"] == {"warmup_max_lr": 1e-3, "warmup_num_steps": 5}
 
 
 def test_unknown_key_lists_valid_ones():
@@ -61,6 +64,20 @@ def test_unknown_key_lists_valid_ones():
         (["novalue"], "KEY=VALUE"),
         (["optim.name=lbfgs", "train.lr_schedule=cosine"], "L-BFGS picks its step"),
         (["optim.name=kfac", "ds.zero_optimization.stage=2"], "does not run under ZeRO stage 2"),
+        (["train.time_limit=4x"], "train.time_limit: '4x' is not a duration; give seconds"),
+        (["train.time_limit=-5"], "train.time_limit: -5.0 is not a duration"),
+        (["data.train_samples=-1"], "data.train_samples: must be >= 0"),
+        (
+            [
+                "data.train_samples=0",
+                "schedule.cycle=half-v",
+                "schedule.levels=2",
+                "schedule.level=[{epochs: 1}, {steps: 2}]",
+            ],
+            r"schedule.level\[0\].epochs: a fresh stream .* has no epochs; give the level steps",
+        ),
+        (["model.checkpoint=1"], "model.checkpoint: expected true or false, got 1"),
+        (["train.steps=true"], "train.steps: expected an integer, got True"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):
@@ -107,10 +124,21 @@ def test_batch_sizes_multiply_out():
         batch_sizes({}, 1)
 
 
-def test_lr_schedule_factor():
-    c = resolve(None, ["train.lr_schedule=cosine", "train.min_lr_ratio=0.1"]).cfg.train
-    assert c.lr_factor(0, 100) == pytest.approx(1.0)
-    assert c.lr_factor(50, 100) == pytest.approx(0.55)
-    assert c.lr_factor(100, 100) == pytest.approx(0.1)
-    w = resolve(None, ["train.warmup_steps=4"]).cfg.train
-    assert [w.lr_factor(s, 10) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+def test_time_limit_parses_durations():
+    cases = {"4m": 240.0, "90s": 90.0, "1h30m": 5400.0, "1.5h": 5400.0, 90: 90.0, "0.5": 0.5}
+    for text, seconds in cases.items():
+        assert parse_duration(text) == seconds, text
+    assert (
+        parse_duration(0) is None and parse_duration(None) is None and parse_duration("0s") is None
+    )
+    assert resolve(None, ["train.time_limit=4m"]).cfg.train.time_limit_s == 240.0
+    for bad in ("4x", "m4", "1h 30", "", True, "inf"):
+        with pytest.raises(PdedsError, match="train.time_limit"):
+            parse_duration(bad)
+
+
+def test_fresh_stream_refuses_a_data_file(tmp_path):
+    path = tmp_path / "d.h5"
+    path.write_bytes(b"")
+    with pytest.raises(PdedsError, match="data.train_samples: 0 streams fresh samples.*data.path"):
+        resolve(None, ["data.train_samples=0", f"data.path={path}"])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from trainer_util import TINY, losses, train_cases
 
 from pdeds.testing.distributed import run_ranks
@@ -20,23 +21,24 @@ TWO_LEVELS = [
 
 
 def _switch_body() -> dict:
-    """The hook at a level switch: weights untouched, batch sizes and lr as configured."""
+    """The hook at a level switch (weights untouched, batch sizes as configured) and the LR
+    scheduler stepped as DeepSpeed steps it (the level's lr_scale)."""
+    from functools import partial
+
     import torch
 
-    from pdeds.config import batch_sizes, resolve
+    from pdeds.config import resolve, visits_for
     from pdeds.models.unet import build_model
-    from pdeds.multigrid import plan
     from pdeds.train.engine import build_engine, init_distributed
     from pdeds.train.hook import LevelHook
+    from pdeds.train.lr import build_scheduler
 
     init_distributed()
     r = resolve(TINY, TWO_LEVELS)
-    g, mb, _ = batch_sizes(r.ds, 1)
-    visits = plan(
-        r.cfg.schedule, finest_res=16, total_steps=4, samples=10, batch=g, micro_batch=mb, world=1
-    )
-    engine, _ = build_engine(build_model(3, r.cfg.model), r.cfg, r.ds)
-    hook = LevelHook(visits, engine, base_lr=r.cfg.optim.lr)
+    visits = visits_for(r, 1)
+    sched = partial(build_scheduler, r.cfg.train, visits, r.ds)
+    engine, _ = build_engine(build_model(3, r.cfg.model), r.cfg, r.ds, lr_scheduler=sched)
+    hook = LevelHook(visits, engine)
     out = []
     for step in range(4):
         before = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -52,6 +54,7 @@ def _switch_body() -> dict:
                 lr=engine.optimizer.param_groups[0]["lr"],
             )
         )
+        engine.lr_scheduler.step()  # what engine.step() does after an optimizer step
     return {"visits": [(v.level, v.res, v.steps) for v in visits], "steps": out}
 
 
@@ -66,12 +69,17 @@ def test_level_switch_keeps_weights_and_sets_batches():
         (16, 1, 4, 4),
         (16, 1, 4, 4),
     ]
-    assert rows[0]["lr"] == pytest.approx(2.0 * TINY["optim"]["lr"])
-    assert rows[2]["lr"] == pytest.approx(TINY["optim"]["lr"])
+    lr = TINY["optim"]["lr"]
+    assert [r["lr"] for r in rows] == pytest.approx([2.0 * lr, 2.0 * lr, lr, lr])
+
+
+WARMUP = {"warmup_min_lr": 1e-5, "warmup_max_lr": 1e-4, "warmup_num_steps": 3}
+DS_SCHEDULER = f"ds.scheduler={{type: WarmupLR, params: {WARMUP}}}".replace("'", "")
 
 
 def test_two_level_run_logs_levels_and_matches_two_ranks(tmp_path):
-    one = run_ranks(train_cases, 1, str(tmp_path / "one"), [("mg", TWO_LEVELS)], timeout=240)[0]
+    cases = [("mg", TWO_LEVELS), ("mg_ds", [*TWO_LEVELS, DS_SCHEDULER])]
+    one = run_ranks(train_cases, 1, str(tmp_path / "one"), cases, timeout=240)[0]
     two = run_ranks(train_cases, 2, str(tmp_path / "two"), [("mg", TWO_LEVELS)], timeout=240)[0]
     rows = [
         json.loads(x) for x in (tmp_path / "one" / "mg" / "metrics.jsonl").read_text().splitlines()
@@ -88,6 +96,17 @@ def test_two_level_run_logs_levels_and_matches_two_ranks(tmp_path):
     ref = one["mg"]["losses"]
     for step, loss in two["mg"]["losses"].items():
         assert loss == pytest.approx(ref[step], rel=1e-5), step
+    # DeepSpeed's scheduler from the JSON drives the lr, the level's lr_scale multiplies it
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    bare = WarmupLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **WARMUP)
+    want = []
+    for scale in (2.0, 2.0, 1.0, 1.0):
+        want.append(bare.get_last_lr()[0] * scale)
+        bare.step()
+    rows = (tmp_path / "one" / "mg_ds" / "metrics.jsonl").read_text().splitlines()
+    got = [json.loads(x)["lr"] for x in rows if '"loss"' in x]
+    assert got == pytest.approx(want) and got[0] == pytest.approx(2 * WARMUP["warmup_min_lr"])
 
 
 def _resume_body(root: str) -> dict:

@@ -61,3 +61,43 @@ def test_shm_op_build_skipped_unless_asked(monkeypatch):
         assert module.build_shm_op() is None  # returns at once: nothing is compiled
     finally:
         module.build_shm_op = original
+
+
+@pytest.mark.parametrize("sobol", [False, True])
+def test_fresh_vectors_depend_only_on_seed_and_index(sobol):
+    from pdeds.train.data import BLOCK, FreshSamples
+
+    def fresh(seed: int = 5) -> FreshSamples:
+        return FreshSamples(6, seed, sobol, 2, 0.5, "diagonal", torch.device("cpu"))
+
+    whole = fresh().coeffs(np.arange(3 * BLOCK))
+    assert whole.shape == (3 * BLOCK, 6) and np.abs(whole).max() <= kl.COEFF_RANGE
+    assert len(np.unique(whole[:, 0])) == 3 * BLOCK  # every vector is new
+    # chunked differently, in another order, by another object: the same vectors
+    other = fresh()
+    idx = np.random.default_rng(0).permutation(3 * BLOCK)
+    for part in np.array_split(idx, 7):
+        np.testing.assert_array_equal(other.coeffs(part), whole[part])
+    np.testing.assert_array_equal(fresh().indices(1000, 50), np.arange(1000, 1050))
+    assert not np.array_equal(fresh(6).coeffs(np.arange(10)), whole[:10])
+    if sobol:  # one scrambled Sobol sequence across blocks
+        seq = torch.quasirandom.SobolEngine(6, scramble=True, seed=5).draw(
+            3 * BLOCK, dtype=torch.float64
+        )
+        np.testing.assert_allclose(whole, (2 * seq.numpy() - 1) * kl.COEFF_RANGE)
+    nu = fresh().nu(np.array([7, BLOCK + 1]), 8)
+    want = kl.diffusivity(torch.from_numpy(whole[[7, BLOCK + 1]]), 8, dim=2).float()
+    torch.testing.assert_close(nu, want, rtol=0, atol=0)
+
+
+def test_training_samples_picks_the_stream():
+    from pdeds.config import resolve
+    from pdeds.train.data import FreshSamples, training_coeffs, training_samples
+
+    cfg = resolve(None, ["data.train_samples=0"]).cfg
+    assert training_coeffs(cfg) is None
+    stream, data = training_samples(cfg, None, torch.device("cpu"))
+    assert isinstance(stream, FreshSamples) and stream is data
+    cfg = resolve(None, ["data.train_samples=7"]).cfg
+    stream, data = training_samples(cfg, training_coeffs(cfg), torch.device("cpu"))
+    assert isinstance(stream, SampleStream) and len(data) == 7

@@ -35,16 +35,44 @@ def _resume_body(root: str) -> dict:
     (run / "checkpoints" / "step00000006" / checkpoint.MARKER).unlink()
     (run / "checkpoints" / "step00000004" / checkpoint.MARKER).unlink()
     summary = train(resolve(TINY, overrides), run, resume="auto")
-    return {"first": first, "second": losses(run), "summary": summary}
+    out = {"first": first, "second": losses(run), "summary": summary}
+    # A fresh-sample stream, uninterrupted and stopped on time: a budget of 1 us ends after the
+    # first step; resumed with it again nothing is left (the clock is in the checkpoint); then
+    # with an hour the run goes on to the end.
+    fresh = [*overrides, "data.train_samples=0"]
+    train(resolve(TINY, fresh), Path(root) / "fresh")
+    out["fresh"] = losses(Path(root) / "fresh")
+    timed = Path(root) / "timed"
+    out["timed"] = [
+        train(resolve(TINY, [*fresh, f"train.time_limit={b}"]), timed, resume="auto" if i else None)
+        for i, b in enumerate(("1e-6", "1e-6", "1h"))
+    ]
+    out["timed_losses"] = losses(timed)
+    out["timed_marker"] = json.loads((timed / "checkpoints/step00000001/pdeds.json").read_text())
+    return out
 
 
 def test_resume_reproduces_the_loss_curve(tmp_path):
-    out = run_ranks(_resume_body, 1, str(tmp_path), timeout=240)[0]
+    out = run_ranks(_resume_body, 1, str(tmp_path), timeout=300)[0]
     first, second = out["first"], out["second"]
     assert sorted(first) == sorted(second) == [1, 2, 3, 4, 5, 6]
     for step in first:
         assert second[step] == pytest.approx(first[step], rel=1e-6, abs=1e-9), step
     assert out["summary"]["completed"]
+    # on time: stop after step 1, nothing more on the same budget, then continue exactly
+    stop, again, rest = out["timed"]
+    assert (stop["steps"], stop["stopped"], stop["completed"]) == (1, "time_limit", False)
+    assert "val_rel_l2_mean" in stop  # it evaluated before stopping
+    assert (again["steps"], again["stopped"]) == (1, "time_limit")
+    carried = out["timed_marker"]["train_s"]
+    assert 0 < carried <= again["train_time_s"] < carried + 0.5  # no step, no new time
+    assert rest["completed"] and rest["stopped"] is None
+    assert rest["train_time_s"] > stop["train_time_s"]
+    fresh, timed = out["fresh"], out["timed_losses"]
+    assert sorted(fresh) == sorted(timed) == list(first)
+    for step in fresh:
+        assert timed[step] == pytest.approx(fresh[step], rel=1e-6, abs=1e-9), step
+    assert fresh[1] != pytest.approx(first[1], rel=1e-3)  # other samples than the fixed set
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
@@ -73,10 +101,11 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     assert "stop requested" in out
     r = pdeds(
         "train", str(cfg), "--run-dir", str(run), "--resume", "auto",
-        "--set", f"train.steps={step + 2}",
+        "--set", f"train.steps={step + 2}", "--time-limit", "1h",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert max(losses(run)) == step + 2
+    assert "time limit 1h00m" in r.stdout and "eta " in r.stdout  # the plain progress line
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pdeds.errors import PdedsError
 from pdeds.multigrid import Visit, plan
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -103,6 +105,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return parts, value
+
+
+def _numbers(value: Any) -> Any:
+    """Exponent literals as floats, recursively: PyYAML reads 1e-3 (no dot) as a string, and a
+    DeepSpeed value has no schema here to coerce it."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
@@ -186,7 +200,7 @@ def resolve(
                 f"--set {text}: name a DeepSpeed key, e.g. ds.zero_optimization.stage=2"
             )
         else:
-            ds_overrides.append((parts[1:], value))
+            ds_overrides.append((parts[1:], _numbers(value)))
     cfg = build(ExperimentConfig, data)
     ds_path = find_file(cfg.deepspeed.config, base)
     if ds_path is None:

@@ -83,6 +83,8 @@ class TrainClock:
         return eta if self.limit_s is None else max(0.0, min(eta, self.limit_s - self.train_s))
 
     def state_dict(self) -> dict[str, Any]:
+        """The clock up to now (what a checkpoint carries to the resumed run)."""
+        self._charge()
         return {"train_s": self.train_s, "evaluated": self.evaluated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
