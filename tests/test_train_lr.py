@@ -56,13 +56,13 @@ def test_apply_after_resume_uses_this_runs_schedule():
     long = resolve(None, ["train.lr_schedule=cosine", "train.steps=40"])
     a = build_scheduler(short.cfg.train, visits_for(short, 1), short.ds, _optimizer())
     _rates(a, 6)
-    b = build_scheduler(long.cfg.train, visits_for(long, 1), long.ds, _optimizer())
-    b.load_state_dict(a.state_dict())
-    b.optimizer.param_groups[0]["lr"] = a.optimizer.param_groups[0]["lr"]  # optimizer state
-    b.apply()
-    assert b.optimizer.param_groups[0]["lr"] == pytest.approx(
-        0.5 * 0.5 * (1 + math.cos(math.pi * 6 / 40))
-    )
+    want = 0.5 * 0.5 * (1 + math.cos(math.pi * 6 / 40))
+    for state in (a.state_dict(), None):  # None: a checkpoint of pdeds 0.1
+        b = build_scheduler(long.cfg.train, visits_for(long, 1), long.ds, _optimizer())
+        b.load_state_dict(state)
+        b.optimizer.param_groups[0]["lr"] = a.optimizer.param_groups[0]["lr"]  # optimizer state
+        b.seek(6)
+        assert _rates(b, 2) == pytest.approx([want, 0.25 * (1 + math.cos(math.pi * 7 / 40))])
 
 
 def test_deepspeed_scheduler_block_times_the_level_scale():
@@ -77,10 +77,11 @@ def test_deepspeed_scheduler_block_times_the_level_scale():
     bare = WarmupLR(_optimizer(), **params)  # DeepSpeed's own, on its own optimizer
     want = [s * (4.0 if i < 5 else 1.0) for i, s in enumerate(_rates(bare, 10))]
     assert got == pytest.approx(want) and max(want) > 0.2  # the scale did multiply
-    again = build_scheduler(r.cfg.train, visits_for(r, 1), r.ds, _optimizer())
-    again.load_state_dict(sched.state_dict())
-    again.apply()
-    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(bare.get_last_lr()[0])
+    for state in (sched.state_dict(), bare.state_dict()):  # bare: a checkpoint of pdeds 0.1
+        again = build_scheduler(r.cfg.train, visits_for(r, 1), r.ds, _optimizer())
+        again.load_state_dict(state)
+        again.seek(10)
+        assert again.optimizer.param_groups[0]["lr"] == pytest.approx(bare.get_last_lr()[0])
 
 
 def test_unknown_deepspeed_scheduler_is_refused():

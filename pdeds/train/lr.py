@@ -10,7 +10,7 @@ lr_DS(s) and the level's scale multiplies it: lr(s) = lr_DS(s) x lr_scale(level 
 
 Both are handed to ``deepspeed.initialize``, which steps them once per optimizer step and saves
 their state in checkpoints. A checkpoint's optimizer state also restores the learning rate it
-was saved with; ``apply()`` after loading writes this run's lr(s) instead (a resumed run may have
+was saved with; ``seek(s)`` after loading writes this run's lr(s) instead (a resumed run may have
 a longer ``train`` section, hence another cosine or other visits).
 """
 
@@ -48,13 +48,18 @@ def schedule_lambda(train: TrainConfig, visits: list[Visit]) -> Callable[[int], 
 
 
 class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` with ``apply()``: set every group's lr to base x lambda(last step)."""
+    """``LambdaLR`` that can ``seek`` to a step: lr is a function of the step alone."""
 
-    def apply(self) -> None:
-        lam = self.lr_lambdas[0]
+    def seek(self, step: int) -> None:
+        """Continue at ``step``: every group's lr = base x lambda(step)."""
+        self.last_epoch = step
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * lam(self.last_epoch)
+            group["lr"] = base * self.lr_lambdas[0](step)
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is not None:  # checkpoints of pdeds 0.1 hold none; ``seek`` sets the step
+            super().load_state_dict(state)
 
 
 class LevelScaled:
@@ -70,7 +75,7 @@ class LevelScaled:
         self.optimizer = inner.optimizer
         self.last_step = 0
         self.unscaled = [g["lr"] for g in self.optimizer.param_groups]
-        self.apply()
+        self._apply()
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.unscaled):
@@ -78,9 +83,14 @@ class LevelScaled:
         self.inner.step(*args, **kwargs)
         self.unscaled = [g["lr"] for g in self.optimizer.param_groups]
         self.last_step += 1
-        self.apply()
+        self._apply()
 
-    def apply(self) -> None:
+    def seek(self, step: int) -> None:
+        """Continue at ``step`` with the inner scheduler's restored rates."""
+        self.last_step = step
+        self._apply()
+
+    def _apply(self) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.unscaled):
             group["lr"] = lr * self.scale(self.last_step)
 
@@ -91,6 +101,10 @@ class LevelScaled:
         return {"inner": self.inner.state_dict(), "unscaled": self.unscaled, "step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "inner" not in state:  # pdeds 0.1 saved DeepSpeed's own scheduler, unwrapped
+            self.inner.load_state_dict(state)
+            self.unscaled = list(self.inner.get_lr())
+            return
         self.inner.load_state_dict(state["inner"])
         self.unscaled, self.last_step = list(state["unscaled"]), int(state["step"])
 

@@ -223,7 +223,7 @@ class Trainer:
         """Continue after ``state`` (a checkpoint's): its step and clock, this run's LR."""
         self.start = int(state["step"])
         self.clock.load_state_dict(state)
-        self.engine.lr_scheduler.apply()  # over the lr the checkpoint's optimizer state holds
+        self.engine.lr_scheduler.seek(self.start)  # over the lr of the checkpoint's optimizer
 
     def train_step(self, step: int) -> StepStats:
         """Optimizer step ``step`` (0-based) on its global batch of the sample stream."""
