@@ -200,10 +200,9 @@ def timed_step(engine: Any, data: Any, idx: np.ndarray, cfg: Any, dev: torch.dev
     from pdeds.train.step import MarkedEngine, Phases, train_step
 
     phases = Phases(sync=lambda: sync(dev))
-    loss = train_step(
-        MarkedEngine(engine, phases), data, [idx], res=cfg.problem.res, f=cfg.problem.f,
-        weighting=cfg.train.loss_weighting, phases=phases,
-    )  # fmt: skip
+    p, weighting = cfg.problem, cfg.train.loss_weighting
+    marked = MarkedEngine(engine, phases)
+    loss = train_step(marked, data, [idx], res=p.res, f=p.f, weighting=weighting, phases=phases)
     return dict(phases.wall), loss
 
 

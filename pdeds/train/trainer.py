@@ -179,10 +179,8 @@ class Trainer:
             self.parameters = count_parameters(engine.module)
         self.engine = engine
         self.stream, self.data = training_samples(cfg, setup.coeffs, self.device)
-        self.hook = LevelHook(
-            setup.visits, self.engine, optimizer_state=cfg.schedule.optimizer_state,
-            on_switch=self._announce_visit,
-        )  # fmt: skip
+        keep = cfg.schedule.optimizer_state
+        self.hook = LevelHook(setup.visits, engine, optimizer_state=keep, on_switch=self._announce)
         self.clock = TrainClock(cfg.train.time_limit_s, now=now)
         # L-BFGS is not stochastic: it keeps one global batch for hold_steps steps (0 = forever).
         self.hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
@@ -252,9 +250,8 @@ class Trainer:
         step, v = stats.step, stats.visit
         if step % self.cfg.train.log_every and step != self.total:
             return
-        clock = {"train_s": self.clock.train_s, "samples": samples_seen(self.setup.visits, step)}
-        clock["samples_evaluated"] = self.clock.evaluated
-        self.monitor.log({**stats.row(), **clock, "peak_memory_mb": peak_memory_mb(self.device)})
+        memory = {"peak_memory_mb": peak_memory_mb(self.device)}
+        self.monitor.log({**stats.row(), **self._counters(step), **memory})
         eta = self.clock.eta(self.total - step)
         self.monitor.progress(step, stats.loss, v.batch / stats.seconds, v.level, v.res, eta)
 
@@ -272,12 +269,8 @@ class Trainer:
             self.engine.train()
         v = visit_at(self.setup.visits, max(step - 1, 0))
         self.monitor.log(
-            {
-                "step": step, "level": v.level, "res": v.res, "train_s": self.clock.train_s,
-                "samples": samples_seen(self.setup.visits, step),
-                "samples_evaluated": self.clock.evaluated, **scores,
-            }
-        )  # fmt: skip
+            {"step": step, "level": v.level, "res": v.res, **self._counters(step), **scores}
+        )
         self.monitor.say(
             f"eval step {step}: val rel-L2 mean {scores['val_rel_l2_mean']:.4g} "
             f"max {scores['val_rel_l2_max']:.4g}, energy gap {scores['val_energy_gap']:.3g} "
@@ -285,6 +278,14 @@ class Trainer:
         )
         self.scores, self.evaluated_at = scores, step
         return scores
+
+    def _counters(self, step: int) -> dict[str, float]:
+        """Training time, samples drawn and sample evaluations after ``step`` steps."""
+        return {
+            "train_s": self.clock.train_s,
+            "samples": samples_seen(self.setup.visits, step),
+            "samples_evaluated": self.clock.evaluated,
+        }
 
     def eval_due(self, step: int) -> bool:
         """Every train.eval_every steps and at the end of every visit of a multigrid schedule,
@@ -305,12 +306,11 @@ class Trainer:
         """Steps until the schedule ends, the time budget is spent or a signal arrives; then a
         checkpoint, the final evaluation (not after a signal) and summary.json."""
         self._announce_run()
-        step, stop = self.start, StopRequest()
+        step, stop, t_loop = self.start, StopRequest(), time.perf_counter()
         try:
             stopped = stop.agreed(self.clock)  # a resumed run may have spent its budget
             self.engine.train()
             self.clock.start()
-            self.t_loop = time.perf_counter()
             while step < self.total and stopped is None:
                 stats = self.train_step(step)
                 step = stats.step
@@ -325,10 +325,10 @@ class Trainer:
         finally:
             stop.restore()
             self.monitor.close()
-        return self._summary(step, stopped)
+        return self._summary(step, stopped, time.perf_counter() - t_loop)
 
-    def _summary(self, step: int, stopped: str | None) -> dict[str, Any]:
-        """summary.json (rank 0 writes it)."""
+    def _summary(self, step: int, stopped: str | None, loop_s: float) -> dict[str, Any]:
+        """summary.json (rank 0 writes it); ``loop_s``: wall time of this session's loop."""
         summary = {
             "steps": step,
             "total_steps": self.total,
@@ -336,7 +336,7 @@ class Trainer:
             "stopped": stopped,
             "world_size": self.setup.world,
             "wall_s": time.perf_counter() - self.t_start,
-            "train_s": time.perf_counter() - self.t_loop,
+            "train_s": loop_s,
             "samples_seen": samples_seen(self.setup.visits, step),
             "train_time_s": self.clock.train_s,
             "parameters": self.parameters,
@@ -365,7 +365,7 @@ class Trainer:
                 f"to {len(setup.coeffs)} for full-batch L-BFGS or lbfgs.hold_steps > 0 to move on"
             )
 
-    def _announce_visit(self, v: Visit) -> None:
+    def _announce(self, v: Visit) -> None:
         self.monitor.say(
             f"visit {v.index}: level {v.level} res {v.res} for {v.steps} steps "
             f"(batch {v.batch}, micro-batch {v.micro_batch}, lr x{v.lr_scale:g})"
