@@ -73,9 +73,12 @@ def full_batch_loss(model: torch.nn.Module, coeffs: np.ndarray, res: int, weight
 
 
 def _check_sgd_step(after: torch.nn.Module, before: torch.nn.Module, loss, lr: float) -> None:
+    """after - before = -lr grad L, to float32 round-off of the update (summation order of
+    micro-batches against one batch)."""
     grads = torch.autograd.grad(loss, list(before.parameters()))
+    scale = max(float(g.abs().max()) for g in grads) * lr
     for p, q, g in zip(after.parameters(), before.parameters(), grads):
-        torch.testing.assert_close(p, q - lr * g, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p - q, -lr * g, rtol=1e-3, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("weighting", ["none", "lifting"])
