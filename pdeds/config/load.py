@@ -4,10 +4,11 @@ Precedence is CLI ``--set`` > file > dataclass defaults. ``--set a.b=value`` set
 parsed as YAML: ``2``, ``1e-3``, ``true``, ``[1, 2]``); ``--set ds.<json.path>=value`` patches the
 DeepSpeed JSON named by ``deepspeed.config``. Unknown keys are errors that list the valid ones.
 
-YAML values are coerced to the annotated types here rather than by pydantic: pydantic's lax
-mode turns ``true`` into 1 and ``1`` into True, and its strict mode refuses the string PyYAML
-makes of ``1e-3``. Here an integer field takes integers (and integral floats), a bool field
-takes true/false only, and a number may be written as a string.
+YAML values are coerced to the annotated types here rather than by pydantic (2.14): its lax
+mode turns ``true`` into 1, ``1`` into True and ``"7"`` into 7; its strict mode refuses the
+string PyYAML makes of ``1e-3`` and, for stdlib dataclasses, any plain mapping. Here an integer
+field takes integers (and integral floats), a bool field true/false only, and a number may be
+written as a string.
 """
 
 from __future__ import annotations
