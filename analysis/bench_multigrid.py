@@ -1,20 +1,30 @@
-"""Multigrid training vs finest-level-only training: time and samples to a target error.
+"""Multigrid training vs finest-level-only training: wall time to three targets, error at equal
+wall time (issue 12's benchmark).
 
-    python analysis/bench_multigrid.py --levels 16 32 64 --budget-steps 300 --out runs/bench_mg
+    python analysis/bench_multigrid.py --dim 2 --levels 32 64 128 --cap 300 --out runs/bench_mg2d
+    python analysis/bench_multigrid.py --dim 3 --levels 16 32 64 --cap 1800 --out runs/bench_mg3d
 
-Trains, with the same network, seed and held-out set, the finest-level-only baseline and
-each cycle (half-v, v, w, f) on the resolutions ``--levels`` (coarsest first). The target is
-the best held-out mean rel-L2 (at the finest level) that the baseline reaches within its
-budget; for every run the script reports the training wall time (evaluation excluded) and
-samples to first reach the target, its final error and the speed-up vs the baseline, as a
-markdown table, a JSON file and a plot of error vs wall time (all cycles).
+Every contender is a real ``pdeds train`` run (one process, ``--threads`` threads; ``--jobs``
+at a time) of launch/configs/quickstart.yaml with ``--set`` overrides, and all of them share:
+the network (the default model unless ``--set model.*``), the weight seed, the held-out set
+(``data.val_seed``, evaluated at the finest level), and the sample stream (fresh coefficient
+vectors, ``data.train_samples: 0``, ``data.seed``).
 
-Each run is a real ``pdeds train`` subprocess (one process, ``--threads`` threads) on
-launch/configs/quickstart.yaml with ``--set`` overrides; a multigrid run gets ``--mg-steps``
-optimizer steps (default: the baseline's), shared over the visits with
-``schedule.coarse_factor`` (coarser levels get k x more steps), the cycle repeated ``--repeat``
-times. Steps at coarse levels are ~2^d x cheaper, so give cycles more steps than the baseline
-to compare at similar wall time.
+How a fair comparison is made:
+1. Step times. A short run at every level measures the median optimizer-step time t_l (with
+   the level's batch), under the same ``--jobs`` concurrency as the contenders.
+2. Step plans that fill the cap. The finest-only run gets cap / t_L steps. A cycle spends the
+   fraction ``--time-share`` [l] of the cap at level l (split evenly over that level's visits):
+   ``schedule.level[l].steps = share_l x cap / (visits_l x t_l)``. So no contender's last
+   (finest) visit is cut short by a step budget sized for another.
+3. The cap itself. Every run also has ``train.time_limit = cap``: whoever is slower than
+   planned stops there (training wall time, evaluation excluded).
+4. Targets: the finest-only run's best held-out mean rel-L2 at 1/4, 1/2 and all of the cap.
+   For each contender: training wall time and samples to first reach each target, and its
+   error at equal wall time (the last evaluation at or before the finest-only run's end).
+
+Outputs: a markdown table (printed and ``bench_multigrid.md``), ``bench_multigrid.json`` and
+``bench_multigrid.png`` (error vs training wall time, every contender).
 """
 
 from __future__ import annotations
@@ -22,17 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CYCLES = ("single", "half-v", "v", "w", "f")
+sys.path.insert(0, str(ROOT))
+
+from pdeds.multigrid import visits  # noqa: E402
+
+CYCLES = ("half-v", "v", "w", "f")
 
 
-def run(name: str, out: Path, overrides: list[str], threads: int) -> Path:
-    """Train one configuration (skipped if its summary already exists); returns its run dir."""
+def train(name: str, out: Path, overrides: list[str], threads: int) -> Path:
+    """One ``pdeds train`` run (skipped if its summary exists); returns its run directory."""
     run_dir = out / name
     if (run_dir / "summary.json").is_file():
         return run_dir
@@ -41,129 +56,231 @@ def run(name: str, out: Path, overrides: list[str], threads: int) -> Path:
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
 
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def curve(run_dir: Path) -> list[dict]:
-    """Eval rows (train_s, samples, val_rel_l2_mean) of a run, in step order."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "val_rel_l2_mean" in r]
+    """Eval rows (train_s, samples, val_rel_l2_mean) in step order."""
+    return [r for r in rows(run_dir) if "val_rel_l2_mean" in r]
 
 
-def first_reach(rows: list[dict], target: float) -> dict | None:
-    for r in rows:
-        if r["val_rel_l2_mean"] <= target:
-            return r
-    return None
+def level_overrides(args: argparse.Namespace, steps: list[int] | None = None) -> list[str]:
+    """``schedule.level`` with each level's batch, micro-batch, lr scale (and steps)."""
+    entries = []
+    for i, _ in enumerate(args.levels):
+        e = {"batch": args.batch[i], "micro_batch": args.micro_batch[i]}
+        e["lr_scale"] = args.lr_scale[i]
+        if steps is not None:
+            e["steps"] = steps[i]
+        entries.append("{" + ", ".join(f"{k}: {v}" for k, v in e.items()) + "}")
+    return ["schedule.level=[" + ", ".join(entries) + "]"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--levels", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--cycles", nargs="+", default=list(CYCLES[1:]), choices=CYCLES[1:])
-    ap.add_argument("--budget-steps", type=int, default=300, help="optimizer steps of the baseline")
-    ap.add_argument(
-        "--mg-steps",
-        type=int,
-        default=None,
-        help="optimizer steps of each cycle run (default: baseline's)",
-    )
-    ap.add_argument("--repeat", type=int, default=1, help="cycles back to back (schedule.cycles)")
-    ap.add_argument("--coarse-factor", type=float, default=2.0)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_multigrid")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    common = [
-        f"problem.res={args.levels[-1]}",
-        f"model.width={args.width}",
-        f"train.steps={args.budget_steps}",
-        f"train.eval_every={args.eval_every}",
-        "train.checkpoint_every=0",
-        "train.log_every=25",
-        *args.extra,
-    ]
-    runs = {"single": run("single", args.out, common, args.threads)}
+def step_times(
+    args: argparse.Namespace, common: list[str], pool: ThreadPoolExecutor
+) -> list[float]:
+    """Median step time of each level (a short single-level run per level)."""
+
+    def measure(i: int) -> float:
+        n = args.levels[i]
+        ov = common + [
+            f"problem.res={n}",
+            "train.steps=12",
+            "train.log_every=1",
+            "train.eval_every=0",
+            f"ds.train_batch_size={args.batch[i]}",
+            f"ds.train_micro_batch_size_per_gpu={args.micro_batch[i]}",
+        ]
+        run_dir = train(f"steptime_{n}", args.out, ov, args.threads)
+        times = [r["time_step_s"] for r in rows(run_dir) if "time_step_s" in r][2:]
+        return statistics.median(times)
+
+    return list(pool.map(measure, range(len(args.levels))))
+
+
+def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, tuple[list[str], int]]:
+    """(overrides, total steps) of every contender: finest only, then each distinct cycle."""
+    top = len(args.levels) - 1
+    cap = args.cap
+    finest = max(1, int(cap / t[top]))
+    out = {
+        "finest only": (
+            [
+                f"train.steps={finest}",
+                f"ds.train_batch_size={args.batch[top]}",
+                f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",
+            ],
+            finest,
+        )
+    }
+    seen = set()
     res = "[" + ", ".join(str(n) for n in args.levels) + "]"
     for cyc in args.cycles:
-        ov = [o for o in common if not o.startswith("train.steps=")] + [
-            f"train.steps={args.mg_steps or args.budget_steps}",
+        seq = tuple(visits(cyc, len(args.levels)))
+        if seq in seen:  # e.g. W(2) and F(2) are the same visit sequence
+            continue
+        seen.add(seq)
+        counts = [seq.count(lvl) for lvl in range(len(args.levels))]
+        share = [s / sum(args.time_share) for s in args.time_share]
+        steps = [max(1, int(share[i] * cap / (counts[i] * t[i]))) for i in range(len(t))]
+        ov = [
             f"schedule.cycle={cyc}",
             f"schedule.levels={len(args.levels)}",
             f"schedule.resolutions={res}",
-            f"schedule.coarse_factor={args.coarse_factor}",
-            f"schedule.cycles={args.repeat}",
+            "train.steps=1",  # the absolute level budgets decide
+            *level_overrides(args, steps),
         ]
-        runs[cyc] = run(cyc, args.out, ov, args.threads)
-    curves = {k: curve(v) for k, v in runs.items()}
-    target = min(r["val_rel_l2_mean"] for r in curves["single"])
-    base = first_reach(curves["single"], target)
-    table = [
-        f"target: baseline's best held-out mean rel-L2 at {args.levels[-1]}^3 = {target:.4g} "
-        f"(budget {args.budget_steps} steps, levels {args.levels})",
+        out[cyc] = (ov, sum(steps[lvl] for lvl in seq))
+    return out
+
+
+def first_reach(curve_: list[dict], target: float) -> dict | None:
+    return next((r for r in curve_ if r["val_rel_l2_mean"] <= target), None)
+
+
+def best_until(curve_: list[dict], t: float) -> float:
+    return min((r["val_rel_l2_mean"] for r in curve_ if r["train_s"] <= t), default=float("nan"))
+
+
+def summarise(args: argparse.Namespace, curves: dict[str, list[dict]], t: list[float]) -> dict:
+    base = curves["finest only"]
+    end = base[-1]["train_s"]
+    targets = [best_until(base, end * f) for f in (0.25, 0.5, 1.0)]
+    out = {"levels": args.levels, "dim": args.dim, "cap_s": args.cap, "step_s": t}
+    out["targets"] = targets
+    out["results"] = {}
+    for name, c in curves.items():
+        hits = [first_reach(c, x) for x in targets]
+        at_end = [r for r in c if r["train_s"] <= end * 1.001]
+        out["results"][name] = {
+            "to_target_s": [h["train_s"] if h else None for h in hits],
+            "to_target_samples": [h["samples"] if h else None for h in hits],
+            "at_equal_time": at_end[-1]["val_rel_l2_mean"] if at_end else None,
+            "final": c[-1]["val_rel_l2_mean"],
+            "train_s": c[-1]["train_s"],
+        }
+    return out
+
+
+def table(s: dict) -> str:
+    n, d = s["levels"][-1], s["dim"]
+    head = [
+        f"finest level {n}^{d}, levels {s['levels']}, cap {s['cap_s']:.0f} s of training; "
+        f"step times {', '.join(f'{x * 1e3:.0f} ms' for x in s['step_s'])} (coarse to fine)",
+        "targets = the finest-only run's best held-out mean rel-L2 after 1/4, 1/2, all of its "
+        f"time: {', '.join(f'{x:.4g}' for x in s['targets'])}",
         "",
-        "| schedule | wall s to target | samples to target | final rel-L2 | best rel-L2 | "
-        "total train s | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| schedule | s to T1 | s to T2 | s to T3 | speed-up to T3 | samples to T3 | "
+        "rel-L2 at equal time | final rel-L2 | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    results = {}
-    for name, rows in curves.items():
-        hit = first_reach(rows, target)
-        total = json.loads((runs[name] / "summary.json").read_text())["train_time_s"]
-        speed = base["train_s"] / hit["train_s"] if hit else None
-        results[name] = dict(
-            wall_to_target=hit["train_s"] if hit else None,
-            samples_to_target=hit["samples"] if hit else None,
-            final=rows[-1]["val_rel_l2_mean"],
-            best=min(r["val_rel_l2_mean"] for r in rows),
-            train_s=total,
-            speedup=speed,
+    base = s["results"]["finest only"]["to_target_s"][2]
+    lines = []
+    for name, r in s["results"].items():
+        secs = [f"{x:.0f}" if x is not None else "not reached" for x in r["to_target_s"]]
+        t3 = r["to_target_s"][2]
+        speed = f"{base / t3:.1f}x" if t3 else "-"
+        samples = r["to_target_samples"][2] if t3 else "-"
+        eq = f"{r['at_equal_time']:.4g}" if r["at_equal_time"] is not None else "-"
+        lines.append(
+            f"| {name} | {' | '.join(secs)} | {speed} | {samples} | {eq} | {r['final']:.4g} | "
+            f"{r['train_s']:.0f} |"
         )
-        r = results[name]
-        table.append(
-            f"| {name} | {r['wall_to_target']:.0f} | {r['samples_to_target']} | {r['final']:.4g} | "
-            f"{r['best']:.4g} | {total:.0f} | {speed:.2f}x |"
-            if hit
-            else f"| {name} | not reached | - | {r['final']:.4g} | {r['best']:.4g} | "
-            f"{total:.0f} | - |"
-        )
-    text = "\n".join(table)
-    print(text)
-    (args.out / "bench_multigrid.md").write_text(text + "\n")
-    (args.out / "bench_multigrid.json").write_text(
-        json.dumps({"target": target, "levels": args.levels, "results": results}, indent=2)
-    )
+    return "\n".join(head + lines)
+
+
+def plot(path: Path, curves: dict[str, list[dict]], s: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in curves.items():
+    for name, c in curves.items():
         ax.plot(
-            [r["train_s"] for r in rows],
-            [r["val_rel_l2_mean"] for r in rows],
-            "o-",
-            ms=3,
-            label="finest only" if name == "single" else name,
+            [r["train_s"] for r in c], [r["val_rel_l2_mean"] for r in c], "o-", ms=2, label=name
         )
-    ax.axhline(target, color="gray", ls="--", lw=1, label="target")
+    for x in s["targets"]:
+        ax.axhline(x, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("training wall time [s] (evaluation excluded)")
-    ax.set_ylabel(f"held-out mean rel-L2 at {args.levels[-1]}^3")
+    ax.set_ylabel(f"held-out mean rel-L2 at {s['levels'][-1]}^{s['dim']}")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "bench_multigrid.png", dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dim", type=int, default=3)
+    ap.add_argument("--levels", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--cycles", nargs="+", default=list(CYCLES), choices=CYCLES)
+    ap.add_argument("--cap", type=float, default=1800.0, help="training seconds per run")
+    ap.add_argument(
+        "--time-share",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of the cap per level, coarse to fine (default equal)",
+    )
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="global batch per level")
+    ap.add_argument("--micro-batch", type=int, nargs="+", default=None)
+    ap.add_argument("--lr-scale", type=float, nargs="+", default=None)
+    ap.add_argument("--evals", type=int, default=40, help="evaluations per run (about)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_multigrid")
+    args = ap.parse_args()
+    k = len(args.levels)
+    args.time_share = args.time_share or [1.0] * k
+    args.batch = args.batch or [4] * k
+    args.micro_batch = args.micro_batch or [min(4, b) for b in args.batch]
+    args.lr_scale = args.lr_scale or [1.0] * k
+    for key in ("time_share", "batch", "micro_batch", "lr_scale"):
+        if len(getattr(args, key)) != k:
+            ap.error(f"--{key.replace('_', '-')} needs one value per level ({k})")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = [
+        f"problem.dim={args.dim}",
+        "data.train_samples=0",
+        "train.checkpoint_every=0",
+        "train.log_every=10",
+        "train.lr_schedule=cosine",
+        *args.extra,
+    ]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        t = step_times(args, common, pool)
+        runs = contenders(args, t)
+
+        def run(item: tuple[str, tuple[list[str], int]]) -> Path:
+            name, (ov, steps) = item
+            cfg = common + [f"problem.res={args.levels[-1]}", f"train.time_limit={args.cap}"]
+            cfg += [f"train.eval_every={max(1, steps // args.evals)}"]
+            return train(name.replace(" ", "_"), args.out, cfg + ov, args.threads)
+
+        dirs = dict(zip(runs, pool.map(run, runs.items())))
+    curves = {name: curve(d) for name, d in dirs.items()}
+    s = summarise(args, curves, t)
+    text = table(s)
+    print(text)
+    (args.out / "bench_multigrid.md").write_text(text + "\n")
+    (args.out / "bench_multigrid.json").write_text(json.dumps(s, indent=2))
+    plot(args.out / "bench_multigrid.png", curves, s)
     print(f"written: {args.out}/bench_multigrid.md, .json, .png")
 
 

@@ -165,7 +165,8 @@ def test_every_activation(activation):
 def test_layers_are_plain_convs_for_kfac():
     model = build_model(3, UNetConfig(**SMALL))
     kinds = {type(m) for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
-    assert kinds == {nn.Conv3d, nn.ConvTranspose3d, nn.GroupNorm}
+    plain = (nn.Conv3d, nn.ConvTranspose3d, nn.GroupNorm)
+    assert all(issubclass(k, plain) for k in kinds) and len(kinds) == 3
 
 
 def test_channels_and_parameter_count():

@@ -111,7 +111,7 @@ class FMGNet(nn.Module):
         dtype = self.head.weight.dtype
         feats = input_features(nu).to(dtype)
         nodes = stage_nodes(self.cfg.core_res, n)
-        z = self.core.latent(resample(feats, nodes[0]))  # its stages checkpoint themselves
+        z = self.core(resample(feats, nodes[0]))  # its stages checkpoint themselves
         h1 = 1.0 / (nodes[1] - 1) if len(nodes) > 1 else 1.0
         for m in nodes[1:]:
             scale = (1.0 / (m - 1) / h1) ** self.cfg.refine_power

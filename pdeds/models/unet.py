@@ -51,10 +51,33 @@ def allowed_resolutions(depth: int, up_to: int) -> list[int]:
     return list(range(2 * step, up_to + 1, step))
 
 
+class _TinyGridInFloat32:
+    """A 16-bit convolution of a grid thinner than its kernel runs in float32.
+
+    oneDNN's bf16 backward of a 3^3 convolution on a grid with an axis of 2 nodes returns
+    non-finite gradients in about a third of the calls (torch 2.13 on AVX-512-BF16 CPUs); the
+    full-multigrid core's coarsest level is such a grid. Float32 there costs nothing.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and min(x.shape[2:]) < max(self.kernel_size):
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+        return super().forward(x)
+
+
+class Conv2d(_TinyGridInFloat32, nn.Conv2d):
+    """nn.Conv2d, float32 on grids thinner than the kernel (see _TinyGridInFloat32)."""
+
+
+class Conv3d(_TinyGridInFloat32, nn.Conv3d):
+    """nn.Conv3d, float32 on grids thinner than the kernel (see _TinyGridInFloat32)."""
+
+
 def _conv(
     dim: int, cin: int, cout: int, kernel: int, stride: int = 1, padding_mode: str = "zeros"
 ) -> nn.Module:
-    cls = nn.Conv2d if dim == 2 else nn.Conv3d
+    cls = Conv2d if dim == 2 else Conv3d
     return cls(
         cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2, padding_mode=padding_mode
     )
@@ -110,6 +133,10 @@ class UNetBody(nn.Module):
             down = _conv(dim, c[s - 1], c[s], 2, stride=2)
             self.encoder.append(nn.Sequential(down, _block(dim, c[s], c[s], cfg)))
         self.decoder = nn.ModuleList(_UpStage(dim, c[s + 1], c[s], cfg) for s in range(cfg.depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent of ``x`` (a module call, so ZeRO-3's parameter hooks see the body)."""
+        return self.latent(x)
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder down to level ``depth``, decoder back up with the skips."""
