@@ -141,16 +141,10 @@ class Activations:
         return self._traces[key]
 
     def accepts(self, n: int) -> bool:
-        """Whether the network runs at resolution n (a forward of one sample, no tracking)."""
-        from pdeds.errors import PdedsError
+        """Whether the network runs at resolution n (``pdeds.models.resolution_problem``)."""
+        from pdeds.models import resolution_problem
 
-        model = build(self.dim, self.model_cfg, Variant("fp32", False), "meta")
-        try:
-            with torch.no_grad():
-                model(torch.ones((1, 1) + (n,) * self.dim, device="meta"))
-        except (PdedsError, RuntimeError):
-            return False
-        return True
+        return resolution_problem(self.model_cfg, n) is None
 
     def bytes_per_node(self, variant: Variant) -> float | None:
         """A(n, b) / (b n^d) of the largest step executed so far in ``variant`` (None: none)."""
