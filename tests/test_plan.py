@@ -21,7 +21,7 @@ from pdeds.cli import main
 from pdeds.config import resolve, visits_for
 from pdeds.models import UNetConfig
 from pdeds.plan import measure, states
-from pdeds.plan.planner import model_size
+from pdeds.plan.planner import FRESH_CAP, model_size
 from pdeds.plan.symbolic import Variant, build, training_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,6 +327,8 @@ def test_absurd_hardware_is_refused_and_the_largest_micro_batch_is_capped(capsys
     huge = plan.Hardware(gpu_mem_gib=2.0**20)  # 1 PiB: memory allows ~10^7 samples
     (lv,) = plan.make_plan(resolve(QUICKSTART), huge).levels
     assert lv.max_micro_batch == resolve(QUICKSTART).cfg.data.train_samples == 64
+    fresh = resolve(QUICKSTART, ["data.train_samples=0"])  # no training-set size to cap it
+    assert plan.make_plan(fresh, huge).levels[0].max_micro_batch == FRESH_CAP
 
 
 def test_the_plan_names_the_held_out_reference_solve():

@@ -75,7 +75,7 @@ class Search:
         """``s`` with ``override`` if it is accepted and lowers the worst level by MIN_GAIN (then
         recorded in ``recs``), else ``s``."""
         from pdeds import dsconfig
-        from pdeds.config import parse_override
+        from pdeds.config.load import parse_override
         from pdeds.optim import prepare_ds_config
 
         if override == "bucket":

@@ -24,6 +24,9 @@ from pdeds.plan.symbolic import Activations, Variant
 LIMITS = {"--gpus": 1024, "--nodes": 100_000, "--gpu-mem": 2.0**20, "--host-mem": 2.0**20}
 """Largest accepted values (devices per node, nodes, GiB = 1 PiB): beyond them a plan means
 nothing."""
+FRESH_CAP = 1 << 16
+"""The largest micro-batch reported for a fresh stream (data.train_samples: 0), which has no
+training-set size to cap it."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class LevelPlan:
     fits: bool
     max_micro_batch: int
     """The largest b with M(n, b) <= usable (0: not even 1), at most data.train_samples (no
-    micro-batch holds more distinct samples)."""
+    micro-batch holds more distinct samples; FRESH_CAP for a fresh stream)."""
 
 
 @dataclass
@@ -167,11 +170,11 @@ def make_plan(
     if say is not None:
         at = ", ".join(str(v.res) for v in visits)
         say(f"executing a {variant} training step symbolically at n = {at}")
-    room = hardware.usable_bytes - states.device_total
+    room, cap = hardware.usable_bytes - states.device_total, cfg.data.train_samples or FRESH_CAP
     levels = []
     for v in visits:
         a = acts.peak(variant, v.res, v.micro_batch)
-        largest_mb = acts.largest(variant, v.res, v.micro_batch, room, cfg.data.train_samples)
+        largest_mb = acts.largest(variant, v.res, v.micro_batch, room, cap)
         total = states.device_total + a
         fits = total <= hardware.usable_bytes
         levels.append(LevelPlan(v.level, v.res, v.batch, v.micro_batch, a, total, fits, largest_mb))

@@ -1,7 +1,7 @@
 """Activation bytes of one training step, by executing it symbolically.
 
 One training step of micro-batch b at resolution n (n^d nodes): a field nu (b, 1, n..), the
-network's forward, the loss (``pdeds.train.loss.micro_batch_loss``: the energy J_h with the
+network's forward, the loss (``pdeds.train.step``'s, the energy J_h with the
 configured ``train.loss_weighting``) and the backward into gradients that already exist (as in
 every step after the first). Here it runs on the meta device: every op computes the shapes and
 dtypes of its outputs and nothing else, so a 512^3 step takes the same fraction of a second as a
@@ -99,13 +99,25 @@ def build(dim: int, model_cfg: Any, variant: Variant, device: Any) -> torch.nn.M
     return model
 
 
+class _Fields:
+    """``data`` for the trainer's loss: nu (len(idx), 1, res..) drawn in [0.5, 1.5) (the values
+    matter to a real step only as a valid diffusivity)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.dim, self.device = dim, device
+
+    def nu(self, idx: np.ndarray, res: int) -> torch.Tensor:
+        return torch.rand((len(idx), 1) + (res,) * self.dim, device=self.device) + 0.5
+
+
 def training_step(model: torch.nn.Module, shape: tuple[int, ...], f: float, weighting: str) -> None:
-    """nu of ``shape``, forward, ``micro_batch_loss``, backward (the step ``LiveBytes`` sees)."""
-    from pdeds.train.loss import micro_batch_loss
+    """The trainer's micro-batch loss (``pdeds.train.step.make_loss_fn``: nu, forward, the energy
+    with its weighting) for nu of ``shape``, and its backward: the step ``LiveBytes`` sees."""
+    from pdeds.train.step import make_loss_fn
 
     device = next(model.parameters()).device
-    nu = torch.rand(shape, device=device) + 0.5
-    micro_batch_loss(model(nu), nu, f, weighting).backward()
+    loss = make_loss_fn(model, _Fields(len(shape) - 2, device), shape[2], f, weighting)
+    loss(np.arange(shape[0])).backward()
 
 
 class Activations:

@@ -1,12 +1,12 @@
 """``check_steps``: the plan against real DeepSpeed training steps (``pdeds plan --check``).
 
 Each run builds the config's engine (``deepspeed.initialize`` through the trainer's
-``build_engine``) and takes optimizer steps (``pdeds.optim.engine_step`` of the trainer's loss,
-``pdeds.train.loss.micro_batch_loss`` with ``train.loss_weighting``) at one small resolution on
-one rank, in a fresh ``python -m pdeds.plan.verify`` process that reads the job as JSON on stdin
-and prints its result as the last stdout line (a second engine in one process measures
-differently); its peak covers model states, DeepSpeed's buffers and the steps. It is compared
-with the planned M(n, b): rel_error = (planned - measured) / measured.
+``build_engine``) and takes the trainer's optimizer steps (``pdeds.train.step.train_step``, with
+``train.loss_weighting``) at one small resolution on one rank, in a fresh
+``python -m pdeds.plan.verify`` process that reads the job as JSON on stdin and prints its
+result as the last stdout line (a second engine in one process measures differently); its peak
+covers model states, DeepSpeed's buffers and the steps. It is compared with the planned M(n, b):
+rel_error = (planned - measured) / measured.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ def measure_steps(job: dict[str, Any]) -> dict[str, Any]:
 
     from pdeds.config import resolve
     from pdeds.models import build_model
-    from pdeds.optim import engine_step
     from pdeds.plan.measure import measure_peak
     from pdeds.train.data import TrainingSet
     from pdeds.train.engine import build_engine, device, init_distributed
-    from pdeds.train.loss import micro_batch_loss
+    from pdeds.train.step import train_step
 
     init_distributed()
     dev = device()
@@ -55,13 +54,8 @@ def measure_steps(job: dict[str, Any]) -> dict[str, Any]:
     def run() -> None:
         torch.manual_seed(cfg.train.seed)
         engine, _ = build_engine(build_model(p.dim, cfg.model).to(dev), cfg, res.ds)
-
-        def loss_fn(idx: np.ndarray) -> torch.Tensor:
-            nu = data.nu(idx, p.res)
-            return micro_batch_loss(engine(nu), nu, p.f, cfg.train.loss_weighting)
-
         for _ in range(int(job["steps"])):
-            engine_step(engine, micro, loss_fn)
+            train_step(engine, data, micro, res=p.res, f=p.f, weighting=cfg.train.loss_weighting)
         engine.destroy()
 
     return {"res": p.res, "micro_batch": mb, "peak_bytes": measure_peak(run, dev)}
