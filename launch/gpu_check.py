@@ -7,7 +7,7 @@ one 512^3 step with activation checkpointing, each next to what ``pdeds plan`` p
 Per row: samples/s, step time split into data (nu fields) / forward / energy / backward /
 optimizer step (device-synchronised), the peak memory (torch.cuda.max_memory_allocated from
 before the engine is built, so model states, DeepSpeed's buffers and the steps), the planner's
-prediction for the same run (calibrated on this device at the start), and the achieved
+prediction for the same run (its symbolic execution of the step), and the achieved
 TFLOP/s of the convolutions: their FLOPs counted by torch's FlopCounterMode on meta tensors of
 the same shapes (forward, backward, and the checkpoint recomputation) over forward + backward
 time. Writes DIR/gpu_check.json and DIR/gpu_check.md after every row (DIR: --out, else $OUT,
@@ -70,7 +70,6 @@ FULL = {
         Row("bf16 step", 256, 2, min_s=30.0),
         Row("512^3 checkpointed", 512, 1, checkpoint=True, warmup=1, steps=1, min_s=60.0),
     ],
-    "calibration": None,
     "overrides": [],
 }
 SMOKE = {
@@ -80,7 +79,6 @@ SMOKE = {
         Row("bf16 step ZeRO 3", 16, 2, zero=3, warmup=1, steps=1),
         Row("512^3 checkpointed (smoke: 32^3)", 32, 1, checkpoint=True, warmup=0, steps=1),
     ],
-    "calibration": (16, 24),
     "overrides": ["model.width=4", "model.depth=2", "model.groups=2"],
 }
 
@@ -306,16 +304,17 @@ def _measure(row: Row, ctx: dict[str, Any], clock: Clock, out: dict[str, Any]) -
 def _predicted(resolved: Any, ctx: dict[str, Any], row: Row) -> float:
     """The planner's M(n, b) for this row on one rank. For the torch stand-in: bf16 weights,
     gradients and Adam moments (8 B per parameter) and no DeepSpeed bucket."""
-    p = plan.make_plan(resolved, plan.Hardware(gpu_mem_gib=ctx["mem_gib"]), ctx["calibration"])
+    hw = plan.Hardware(gpu_mem_gib=ctx["mem_gib"])
+    p = plan.make_plan(resolved, hw)
     if ctx["deepspeed"]:
         return p.levels[-1].device_total
-    fit = ctx["calibration"].step[p.variant]
-    return 8.0 * p.parameters + fit.bytes(row.res, row.micro_batch, resolved.cfg.problem.dim)
+    return 8.0 * p.parameters + p.levels[-1].activations
 
 
 def _offload_if_planned(resolved: Any, ctx: dict[str, Any]) -> list[str]:
     """ZeRO offload overrides when the plan for this device asks for them (else none)."""
-    p = plan.make_plan(resolved, plan.Hardware(gpu_mem_gib=ctx["mem_gib"]), ctx["calibration"])
+    hw = plan.Hardware(gpu_mem_gib=ctx["mem_gib"])
+    p = plan.make_plan(resolved, hw)
     over = []
     for rec in p.recommendations:
         for key in ("offload_optimizer", "offload_param"):
@@ -415,7 +414,7 @@ def main(argv: list[str]) -> int:
     }
     overrides = list(sizes["overrides"]) + list(args.overrides)
     try:
-        base = resolve(args.config, overrides)
+        resolve(args.config, overrides)  # a bad config: one line before any row
     except PdedsError as err:
         print(f"launch/gpu_check: {err}", file=sys.stderr)
         return 2
@@ -423,36 +422,14 @@ def main(argv: list[str]) -> int:
         from pdeds.train.engine import init_distributed
 
         init_distributed()
-    mem = report["env"].get("gpu_mem_gib", 80.0)
-    t0 = time.perf_counter()
-    try:
-        cal = plan.run_calibration(
-            base.cfg.problem.dim,
-            plan.model_section(base.cfg.model),
-            sizes["calibration"]
-            or plan.default_calibration_resolutions(
-                base.cfg.problem.dim, base.cfg.model.depth, "cuda"
-            ),
-            device=str(dev),
-        )
-        report["calibration"] = {**cal.to_dict(), "seconds": time.perf_counter() - t0}
-    except Exception as err:
-        report["calibration"] = {"status": f"{type(err).__name__}: {err}"[:300]}
-        cal = None
-    free(dev)
-    write(report, out)
     ctx = {
         "device": dev,
         "deepspeed": with_ds,
         "config": args.config,
         "overrides": overrides,
-        "calibration": cal,
-        "mem_gib": mem,
+        "mem_gib": report["env"].get("gpu_mem_gib", 80.0),
     }
     for row in sizes["rows"]:
-        if cal is None:
-            report["rows"].append({**row_head(row, "-"), "status": "skipped: no calibration"})
-            continue
         report["rows"].append(run_row(row, ctx, clock))
         report["wall_s"] = clock.elapsed()
         write(report, out)

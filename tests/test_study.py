@@ -350,7 +350,6 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
     """On a pinned 1 GiB machine (0.9 GiB usable): one rank at 16^3 fits; two ranks do not (two
     resident processes); one rank at 64^3 does not (its reference AMG solve, 2 KiB per unknown).
     They go to the cluster, planned there when the study says its nodes' memory."""
-    from pdeds import plan
     from pdeds.plan import GiB
     from pdeds.study import memory
 
@@ -374,8 +373,7 @@ def test_runs_that_do_not_fit_memory_become_scripts(tmp_path, capsys):
     here = {}
     for r in runs:
         res = resolve(study.base, r.all_overrides(study))
-        cal = plan.calibrate(3, res.cfg.model)
-        here[r.name] = st.plan_run(res, st.Nodes(1, r.ranks, 1.0), cal)
+        here[r.name] = st.plan_run(res, st.Nodes(1, r.ranks, 1.0))
         assert here[r.name].usable == pytest.approx(0.9 * GiB)
         assert here[r.name].need >= r.ranks * memory.RANK_RESIDENT
         assert here[r.name].fits == (r.name == "r1_res16")

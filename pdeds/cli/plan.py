@@ -3,16 +3,19 @@
     pdeds plan launch/configs/quickstart.yaml
     pdeds plan launch/configs/poisson3d_512.yaml --gpus 8 --gpu-mem 80 --host-mem 1800
     pdeds plan CONFIG --set model.checkpoint=true --set ds.zero_optimization.stage=3 --json
-    pdeds plan CONFIG --check 24,32        # + real training steps at n = 24, 32 vs. the plan
+    pdeds plan CONFIG --check 24,32        # + real DeepSpeed training steps at n = 24, 32
 
-Memory per rank = model states (ZeRO stage / offload, DeepSpeed's estimator formulas) +
-DeepSpeed's gradient bucket + (c mb + e) n^d + o, with c, e, o measured on this machine's device
-at two small resolutions (cached under ~/.cache/pdeds/plan; --recalibrate measures again).
+Memory per rank = model states (ZeRO stage / offload, as DeepSpeed's estimators count them) +
+DeepSpeed's gradient bucket + the activations of one training step, found by executing the
+step symbolically (meta tensors) at each level's resolution and micro-batch; one real step at
+a small resolution checks that figure on this machine. Batch sizes per level are the trainer's
+for --gpus x --nodes ranks. Progress goes to stderr, the plan to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from pdeds.errors import PdedsError
@@ -39,43 +42,49 @@ def add_parser(subparsers: Any) -> None:
         "--reserve",
         type=float,
         default=0.1,
-        help="fraction of device memory kept free (CUDA context, fragmentation; default 0.1)",
+        help="fraction of device memory kept free (CUDA context, kernel workspaces, "
+        "fragmentation; default 0.1)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument(
-        "--calibrate-res",
-        default=None,
-        metavar="N1,N2",
-        help="the two calibration resolutions (default: the smallest with >= 12k nodes, "
-        "then >= 2.3x that)",
-    )
-    p.add_argument("--calibration", default=None, metavar="FILE", help="use this calibration JSON")
-    p.add_argument("--recalibrate", action="store_true", help="ignore the cached calibration")
-    p.add_argument("--cache-dir", default=None, help="calibration cache folder")
     p.add_argument(
         "--check",
         default=None,
         metavar="N1,N2,..",
-        help="also run real training steps at these resolutions and compare with the plan",
+        help="also run real DeepSpeed training steps at these resolutions; compare with the plan",
     )
 
 
-def _resolutions(text: str | None, flag: str) -> list[int] | None:
+def _resolutions(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or any(v < 2 for v in values):
-        raise PdedsError(f"{flag}: expected comma-separated node counts >= 2, got {text!r}")
+    if not values or any(not 2 <= v <= 4096 for v in values):
+        raise PdedsError(f"--check: expected comma-separated node counts in 2..4096, got {text!r}")
     return values
+
+
+class Progress:
+    """Progress lines on stderr; the last one names what failed if something does."""
+
+    def __init__(self) -> None:
+        self.doing = "planning"
+
+    def __call__(self, line: str) -> None:
+        self.doing = line
+        print(f"pdeds plan: {line}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
+    import os
 
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed says on stdout that it picked the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pdeds import plan
     from pdeds.config import resolve
 
@@ -87,37 +96,33 @@ def run(args: argparse.Namespace) -> int:
         reserve=args.reserve,
     )
     hw.validate()
-    cal_res = _resolutions(args.calibrate_res, "--calibrate-res")
-    if cal_res is not None and len(cal_res) != 2:
-        raise PdedsError(f"--calibrate-res: give two resolutions, got {args.calibrate_res!r}")
-    check_res = _resolutions(args.check, "--check")
+    check_res = _resolutions(args.check)
     resolved = resolve(args.config, args.overrides)
-    cfg = resolved.cfg
-    if args.calibration:
-        path = Path(args.calibration)
-        if not path.is_file():
-            raise PdedsError(f"--calibration: no file at {path}; omit it to calibrate now")
-        calibration = plan.Calibration.from_dict(json.loads(path.read_text()))
-    else:
-        calibration = plan.calibrate(
-            cfg.problem.dim,
-            cfg.model,
-            resolutions=tuple(cal_res) if cal_res else None,
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-            refresh=args.recalibrate,
-        )
-    result = plan.make_plan(resolved, hw, calibration, config_name=args.config)
-    rows = None
-    if check_res:
-        rows = plan.check(args.config, args.overrides, check_res, calibration)
+    say = Progress()
+    try:
+        acts = plan.Activations.of(resolved.cfg)
+        result = plan.make_plan(resolved, hw, config_name=args.config, say=say)
+        coarsest = result.levels[0].res
+        result.check = plan.step_check(acts, result.variant, coarsest, result.largest_layer, say)
+        rows = None
+        if check_res:
+            rows = plan.check_steps(args.config, args.overrides, check_res, say=say)
+    except PdedsError:
+        raise
+    except Exception as err:  # one line, not a traceback, whatever broke
+        what = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PdedsError(
+            f"{say.doing}: {type(err).__name__}: {what}; check the model section and the free "
+            "memory, then run it again"
+        ) from err
     if args.json:
-        out = result.to_dict()
+        out = plan.plan_dict(result)
         if rows is not None:
-            out["check"] = rows
+            out["check_steps"] = rows
         print(json.dumps(out, indent=2))
     else:
-        print(result.table())
+        print(plan.plan_table(result))
         if rows is not None:
-            print("\n  check against real training steps (1 rank):")
+            print("\n  check against real DeepSpeed training steps (1 rank):")
             print(plan.check_table(rows))
     return 0

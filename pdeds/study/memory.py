@@ -1,7 +1,7 @@
 """Will a run fit where it goes? ``pdeds plan`` answers per run, here and on the cluster.
 
 A run with one node and no more ranks than this machine has slots is planned on this machine
-(``pdeds.plan.make_plan``, the model calibrated once per model section and cached); if it does
+(``pdeds.plan.make_plan``, each network's step executed symbolically once); if it does
 not fit it becomes a cluster script like a multi-node run. A run for the cluster is planned on
 the cluster's nodes when the study says their memory (``cluster.memory_gib``, and
 ``cluster.gpu_mem_gib`` for GPU nodes); one that would not fit there is flagged before an
@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdeds.plan.hardware import GiB
+from pdeds.machine import GiB
 from pdeds.study.expansion import Run
 from pdeds.study.spec import Study
 
@@ -107,7 +107,7 @@ def reference_bytes(cfg: Any) -> float:
     return solve_memory((n,) * cfg.problem.dim, cfg.train.reference)
 
 
-def plan_run(resolved: Any, place: Nodes, calibration: Any, name: str = "") -> MemoryFit:
+def plan_run(resolved: Any, place: Nodes, name: str = "") -> MemoryFit:
     """The memory plan of a resolved run on ``place`` (see the module docstring)."""
     from pdeds import plan
 
@@ -120,11 +120,11 @@ def plan_run(resolved: Any, place: Nodes, calibration: Any, name: str = "") -> M
             host_mem_gib=place.memory_gib or None,
             reserve=RESERVE,
         )
-        p = plan.make_plan(resolved, hw, calibration, config_name=name)
+        p = plan.make_plan(resolved, hw, config_name=name)
         need = max(lv.device_total for lv in p.levels)
         return MemoryFit(need, hw.usable_bytes, p.fits, "device", rank0=need, where=place.label)
     hw = plan.Hardware(gpus_per_node=rpn, nodes=place.nodes, gpu_mem_gib=place.memory_gib / rpn)
-    p = plan.make_plan(resolved, hw, calibration, config_name=name)
+    p = plan.make_plan(resolved, hw, config_name=name)
     peak = max(lv.device_total for lv in p.levels) * (1.0 + CPU_SLACK)
     train = rpn * (peak + RANK_RESIDENT) + p.states.host_total
     ref = reference_bytes(resolved.cfg)
@@ -153,29 +153,19 @@ def check_memory(study: Study, runs: list[Run], say: Any = None) -> None:
     """Plan every run where it goes. A run that fits here by ranks but not by memory goes to
     the cluster (``run.fits = False``, the reason in ``run.not_here``); ``run.memory`` is the
     plan where the run goes (None where the study does not say the cluster's memory)."""
-    import json
-
-    from pdeds import plan
     from pdeds.config import resolve
 
-    calibrations: dict[str, Any] = {}
     m = study.machine
     here = {"memory_gib": m.memory_gib, "gpu_mem_gib": m.gpu_mem_gib if m.gpus else 0.0}
+    if say is not None:
+        say("planning memory per run (pdeds plan: each network's step executed symbolically)")
     for run in runs:
         place = Nodes(1, run.ranks, **here) if run.fits else _cluster_nodes(study, run)
         if place is None:
             continue
         resolved = resolve(study.base, run.all_overrides(study))
-        cfg = resolved.cfg
-        key = json.dumps([cfg.problem.dim, plan.model_section(cfg.model)], sort_keys=True)
-        if key not in calibrations:
-            if not calibrations and say is not None:
-                say("planning memory per run (pdeds plan; a calibration takes a few seconds)")
-            calibrations[key] = plan.calibrate(cfg.problem.dim, cfg.model)
-        run.memory = plan_run(resolved, place, calibrations[key], run.name)
+        run.memory = plan_run(resolved, place, run.name)
         if run.fits and not run.memory.fits:
             run.fits, run.not_here = False, run.memory.reason()
             place = _cluster_nodes(study, run)
-            run.memory = (
-                None if place is None else plan_run(resolved, place, calibrations[key], run.name)
-            )
+            run.memory = None if place is None else plan_run(resolved, place, run.name)
