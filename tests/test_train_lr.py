@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pdeds.config import resolve, visits_for
+from pdeds.config.schema import TrainConfig
 from pdeds.train.lr import LevelScaled, build_scheduler, lr_factor, schedule_lambda
 
 V2 = ["schedule.cycle=half-v", "schedule.levels=2", "train.steps=10"]
@@ -90,3 +91,19 @@ def test_unknown_deepspeed_scheduler_is_refused():
 
     with pytest.raises(PdedsError, match="ds.scheduler.type: DeepSpeed knows no LR scheduler"):
         scheduler_class("WarmupLRR")
+
+
+def test_with_a_time_budget_the_cosine_ends_with_the_budget():
+    """t = max(s / S, train_s / T): the decay follows whichever runs out first."""
+    c = TrainConfig(lr_schedule="cosine", time_limit="100s")
+    assert lr_factor(c, 10, 1000, spent_s=50.0) == pytest.approx(0.5)  # half the budget
+    assert lr_factor(c, 900, 1000, spent_s=10.0) == pytest.approx(lr_factor(c, 900, 1000))
+    assert lr_factor(c, 10, 1000, spent_s=150.0) == pytest.approx(0.0)
+    assert lr_factor(TrainConfig(lr_schedule="cosine"), 10, 1000, spent_s=1e9) > 0.99
+
+    class Clock:
+        agreed_s = 25.0
+
+    r = resolve(None, ["train.lr_schedule=cosine", "train.time_limit=100", "train.steps=1000"])
+    lam = schedule_lambda(r.cfg.train, visits_for(r, 1), Clock())
+    assert lam(0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))

@@ -3,8 +3,9 @@
 ``train_s`` is the wall time of the training loop with held-out evaluation excluded (steps,
 logging and checkpoints count), carried across resumes in the checkpoint. With
 ``train.time_limit`` T the run stops after the first step that ends with train_s >= T. Every
-rank stops at the same step: ``StopRequest.agreed`` all-reduces one pair (signalled, time up)
-per step, so ranks whose clocks differ slightly still agree. The ETA is
+rank stops at the same step: ``StopRequest.agreed`` all-reduces (signalled, time up, train_s)
+once per step, so ranks whose clocks differ slightly still agree, on stopping and on the
+training time the LR schedule follows (``agreed_s``). The ETA is
 
     eta = min(steps left x recent seconds per step,  T - train_s)
 
@@ -40,6 +41,8 @@ class TrainClock:
         self.limit_s = limit_s
         self.now = now
         self.train_s = 0.0
+        self.agreed_s = 0.0
+        """train_s as every rank agreed on it at the last ``StopRequest.agreed`` (their max)."""
         self.evaluated = 0
         self._mark = now()
         self._recent: deque[float] = deque(maxlen=window + 1)
@@ -88,7 +91,7 @@ class TrainClock:
         return {"train_s": self.train_s, "evaluated": self.evaluated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train_s = float(state.get("train_s", 0.0))
+        self.train_s = self.agreed_s = float(state.get("train_s", 0.0))
         self.evaluated = int(state.get("evaluated", 0))
 
 
@@ -113,9 +116,9 @@ class StopRequest:
 
     def agreed(self, clock: TrainClock) -> str | None:
         """ "signal" or "time_limit" on every rank if any rank was signalled or out of time,
-        else None (one all-reduce of two scalars)."""
-        flags = torch.tensor([float(self.flag), float(clock.time_up)])
-        signalled, out_of_time = distributed.all_reduce_max(flags).tolist()
+        else None; also sets ``clock.agreed_s`` (one all-reduce of three scalars)."""
+        flags = torch.tensor([float(self.flag), float(clock.time_up), clock.train_s])
+        signalled, out_of_time, clock.agreed_s = distributed.all_reduce_max(flags).tolist()
         return "signal" if signalled else "time_limit" if out_of_time else None
 
     def restore(self) -> None:

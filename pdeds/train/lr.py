@@ -2,11 +2,16 @@
 
     lr(s)     = optim.lr x warmup(s) x decay(s) x lr_scale(level of step s)
     warmup(s) = min(1, (s + 1) / warmup_steps)                          (1 without warm-up)
-    decay(s)  = 1 (constant) | r + (1 - r) (1 + cos(pi min(1, s / S))) / 2 (cosine)
+    decay(s)  = 1 (constant) | r + (1 - r) (1 + cos(pi min(1, t))) / 2 (cosine)
+    t         = s / S,   or max(s / S, train_s / T) with a time budget T (train.time_limit)
 
-for step s = 0, 1, ... of S = total steps, r = train.min_lr_ratio. With a "scheduler" block in
-the DeepSpeed JSON, DeepSpeed's scheduler (built from the block as DeepSpeed builds it) gives
-lr_DS(s) and the level's scale multiplies it: lr(s) = lr_DS(s) x lr_scale(level of s).
+for step s = 0, 1, ... of S = total steps, r = train.min_lr_ratio: with a budget the cosine
+ends with whichever runs out first, steps or time, so a run stopped by its budget has annealed
+(train_s is the clock every rank agreed on, so the ranks' rates stay equal).
+
+With a "scheduler" block in the DeepSpeed JSON, DeepSpeed's scheduler (built from the block as
+DeepSpeed builds it) gives lr_DS(s) and the level's scale multiplies it:
+lr(s) = lr_DS(s) x lr_scale(level of s).
 
 Both are handed to ``deepspeed.initialize``, which steps them once per optimizer step and saves
 their state in checkpoints. A checkpoint's optimizer state also restores the learning rate it
@@ -27,22 +32,30 @@ from pdeds.errors import PdedsError
 from pdeds.multigrid import Visit, visit_at
 
 
-def lr_factor(train: TrainConfig, step: int, total: int) -> float:
-    """warmup(step) x decay(step) of ``train`` for a run of ``total`` steps."""
+def lr_factor(train: TrainConfig, step: int, total: int, spent_s: float = 0.0) -> float:
+    """warmup(step) x decay(step) of ``train`` for a run of ``total`` steps, ``spent_s`` seconds
+    of its time budget gone."""
     warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
     if train.lr_schedule == "constant":
         return warm
-    t = min(1.0, step / max(1, total))
+    t = step / max(1, total)
+    if train.time_limit_s:
+        t = max(t, spent_s / train.time_limit_s)
+    t = min(1.0, t)
     r = train.min_lr_ratio
     return warm * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def schedule_lambda(train: TrainConfig, visits: list[Visit]) -> Callable[[int], float]:
-    """lr(s) / optim.lr: warmup x decay x the lr_scale of the visit that owns step s."""
+def schedule_lambda(
+    train: TrainConfig, visits: list[Visit], clock: Any = None
+) -> Callable[[int], float]:
+    """lr(s) / optim.lr: warmup x decay x the lr_scale of the visit that owns step s
+    (``clock.agreed_s`` is the budget spent, if a clock is given)."""
     total = visits[-1].end
 
     def factor(step: int) -> float:
-        return lr_factor(train, step, total) * visit_at(visits, step).lr_scale
+        spent = clock.agreed_s if clock is not None else 0.0
+        return lr_factor(train, step, total, spent) * visit_at(visits, step).lr_scale
 
     return factor
 
@@ -125,14 +138,19 @@ def scheduler_class(name: str) -> type:
 
 
 def build_scheduler(
-    train: TrainConfig, visits: list[Visit], ds: dict[str, Any], optimizer: torch.optim.Optimizer
+    train: TrainConfig,
+    visits: list[Visit],
+    ds: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    clock: Any = None,
 ) -> ScheduledLR | LevelScaled:
-    """The run's LR scheduler on the client ``optimizer`` (before ``deepspeed.initialize``)."""
+    """The run's LR scheduler on the client ``optimizer`` (before ``deepspeed.initialize``);
+    ``clock`` (a ``TrainClock`` or None) times the budget of a cosine schedule."""
     if ds.get("scheduler"):
         block = ds["scheduler"]
         inner = scheduler_class(block["type"])(optimizer, **(block.get("params") or {}))
         return LevelScaled(inner, _scale(visits))
-    return ScheduledLR(optimizer, schedule_lambda(train, visits))
+    return ScheduledLR(optimizer, schedule_lambda(train, visits, clock))
 
 
 def _scale(visits: list[Visit]) -> Callable[[int], float]:

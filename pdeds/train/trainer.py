@@ -173,6 +173,7 @@ class Trainer:
         self.setup, self.total = setup, setup.total_steps
         self.t_start = time.perf_counter()
         self.rank, self.device = distributed.rank(), device()
+        self.clock = TrainClock(cfg.train.time_limit_s, now=now)
         if engine is None:
             engine, self.parameters = self._build_engine()
         else:
@@ -181,7 +182,6 @@ class Trainer:
         self.stream, self.data = training_samples(cfg, setup.coeffs, self.device)
         keep = cfg.schedule.optimizer_state
         self.hook = LevelHook(setup.visits, engine, optimizer_state=keep, on_switch=self._announce)
-        self.clock = TrainClock(cfg.train.time_limit_s, now=now)
         # L-BFGS is not stochastic: it keeps one global batch for hold_steps steps (0 = forever).
         self.hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
         self.start = 0
@@ -202,7 +202,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.problem.dim, cfg.model).to(self.device)
         n_params = count_parameters(model)  # before ZeRO-3 partitions them away
-        sched = partial(lr.build_scheduler, cfg.train, setup.visits, setup.res.ds)
+        sched = partial(lr.build_scheduler, cfg.train, setup.visits, setup.res.ds, clock=self.clock)
         engine, ds_used = build_engine(model, cfg, setup.res.ds, lr_scheduler=sched)
         if self.rank == 0:
             (setup.run_dir / "config.yaml").write_text(setup.config_text)
