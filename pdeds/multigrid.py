@@ -17,7 +17,7 @@ with adjacent equal levels merged. ``plan`` turns a ``ScheduleConfig`` into the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdeds.errors import PdedsError
 
@@ -86,6 +86,10 @@ class LevelConfig:
     """Steps of each visit at this level (absolute budget)."""
     epochs: float | None = None
     """Epochs of each visit at this level (absolute budget, steps = ceil(epochs * K / batch))."""
+    time: float | None = None
+    """Share of train.time_limit for each visit at this level (shares of all visits are
+    normalised to the budget): the visit ends after the first step at which the run's training
+    time passes its end, whatever the machine's speed."""
 
 
 @dataclass
@@ -154,11 +158,14 @@ class ScheduleConfig:
                 "(coarsest first) or none"
             )
         absolute = [lv.steps is not None or lv.epochs is not None for lv in self.level]
-        if any(absolute) and not all(absolute):
+        timed = [lv.time is not None for lv in self.level]
+        if any(absolute) and not all(absolute) or any(timed) and not all(timed):
             raise PdedsError(
-                "schedule.level: give every level a steps or epochs budget, or none of them "
-                "(then train.steps is shared by coarse_factor)"
+                "schedule.level: give every level a steps, epochs or time budget, or none of "
+                "them (then train.steps is shared by coarse_factor)"
             )
+        if any(absolute) and any(timed):
+            raise PdedsError("schedule.level: give each level steps/epochs or time, not both")
         for i, lv in enumerate(self.level):
             if lv.steps is not None and lv.epochs is not None:
                 raise PdedsError(f"schedule.level[{i}]: set steps or epochs, not both")
@@ -168,6 +175,8 @@ class ScheduleConfig:
                     raise PdedsError(f"schedule.level[{i}].{key}: must be >= 1, got {v}")
             if lv.epochs is not None and not lv.epochs > 0:
                 raise PdedsError(f"schedule.level[{i}].epochs: must be > 0, got {lv.epochs}")
+            if lv.time is not None and not lv.time > 0:
+                raise PdedsError(f"schedule.level[{i}].time: must be > 0, got {lv.time}")
             if not lv.lr_scale > 0:
                 raise PdedsError(f"schedule.level[{i}].lr_scale: must be > 0, got {lv.lr_scale}")
         if self.optimizer_state not in OPTIMIZER_STATE:
@@ -191,6 +200,9 @@ class Visit:
     lr_scale: float
     sample_offset: int
     """Position in the sample stream (samples consumed before this visit)."""
+    until_s: float | None = None
+    """A time-budgeted visit ends after the first step at which the run's training time passes
+    this (``close``); its ``steps`` is OPEN until then."""
 
     @property
     def end(self) -> int:
@@ -207,6 +219,10 @@ class Visit:
         sample_offset + floor((step - start) / hold) x batch."""
         k = (step - self.start) // hold if hold > 0 else 0
         return self.sample_offset + k * self.batch
+
+
+OPEN = 1 << 40
+"""Steps of a time-budgeted visit that has not ended yet."""
 
 
 def _share(total: int, weights: list[float]) -> list[int]:
@@ -239,6 +255,7 @@ def plan(
     batch: int,
     micro_batch: int,
     world: int,
+    time_limit_s: float | None = None,
 ) -> list[Visit]:
     """The visits of a run, in order, with their steps and batch sizes.
 
@@ -249,6 +266,7 @@ def plan(
         samples: training-set size K (for epoch budgets; a fresh stream has none: 0).
         batch, micro_batch: the DeepSpeed config's global and per-rank micro-batch.
         world: number of data-parallel ranks.
+        time_limit_s: train.time_limit in seconds (needed by time-budgeted levels).
     """
     n = cfg.n_levels()
     seq = visits("custom", cfg.custom) if cfg.cycle == "custom" else visits(cfg.cycle, n)
@@ -269,7 +287,17 @@ def plan(
             )
         batches.append(b)
         micros.append(m)
-    if cfg.level and (levels[0].steps is not None or levels[0].epochs is not None):
+    ends: list[float | None] = [None] * len(seq)
+    if cfg.level and levels[0].time is not None:
+        if not time_limit_s:
+            raise PdedsError(
+                "schedule.level[].time: shares of the time budget need train.time_limit; set it "
+                "(e.g. --time-limit 4m) or give the levels steps"
+            )
+        shares = [levels[l].time for l in seq]
+        ends = [time_limit_s * sum(shares[: i + 1]) / sum(shares) for i in range(len(seq))]
+        steps = [OPEN] * len(seq)
+    elif cfg.level and (levels[0].steps is not None or levels[0].epochs is not None):
         steps = []
         for l in seq:
             lv = levels[l]
@@ -289,10 +317,23 @@ def plan(
                 micro_batch=micros[l],
                 lr_scale=levels[l].lr_scale,
                 sample_offset=offset,
+                until_s=ends[i],
             )
         )
         start += s
         offset += s * batches[l]
+    return out
+
+
+def close(visits_: list[Visit], index: int, step: int) -> list[Visit]:
+    """The plan with visit ``index`` ended after global step ``step`` (its last step is
+    step - 1) and the visits after it moved to follow: their starts and sample offsets."""
+    out = list(visits_[:index])
+    start, offset = visits_[index].start, visits_[index].sample_offset
+    for v in visits_[index:]:
+        steps = step - start if v.index == index else v.steps
+        out.append(replace(v, start=start, steps=steps, sample_offset=offset))
+        start, offset = start + steps, offset + steps * v.batch
     return out
 
 

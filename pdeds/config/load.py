@@ -255,6 +255,7 @@ def visits_for(res: Resolved, world: int, samples: int | None = None) -> list[Vi
         cfg.schedule,
         finest_res=cfg.problem.res,
         total_steps=cfg.train.steps,
+        time_limit_s=cfg.train.time_limit_s,
         samples=cfg.data.train_samples if samples is None else samples,
         batch=g,
         micro_batch=mb,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pdeds.multigrid import Visit, visit_at
+from pdeds.multigrid import Visit, close, visit_at
 from pdeds.optim import client_optimizer
 
 
@@ -34,6 +34,8 @@ class LevelHook:
         self.optimizer_state = optimizer_state
         self.on_switch = on_switch
         self.current: Visit | None = None
+        self.closed: list[tuple[int, int]] = []
+        """(visit index, step it ended after) of the time-budgeted visits ended so far."""
 
     def before_step(self, step: int) -> Visit:
         """The visit of ``step``; switches the engine's level when the visit changes."""
@@ -48,14 +50,36 @@ class LevelHook:
                 self.on_switch(v)
         return v
 
+    def maybe_close(self, step: int, spent_s: float) -> bool:
+        """End the current visit after ``step`` steps if it is time-budgeted and ``spent_s``
+        (training seconds every rank agreed on) passed its end; the last visit runs until the
+        run's own budget stops it. ``visits`` is updated in place (the LR schedule and the
+        stream position read the same list). True if a visit ended."""
+        v = self.current
+        if v is None or v.until_s is None or spent_s < v.until_s or v.index == len(self.visits) - 1:
+            return False
+        self.visits[:] = close(self.visits, v.index, step)
+        self.closed.append((v.index, step))
+        return True
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-apply the visit ends of a checkpoint's time-budgeted schedule."""
+        for index, step in state.get("closed", []):
+            self.visits[:] = close(self.visits, int(index), int(step))
+            self.closed.append((int(index), int(step)))
+
     def visit_ends_after(self, step: int) -> bool:
         """True if ``step`` (0-based) is the last step of its visit."""
         return self.current is not None and step + 1 == self.current.end
 
-    def state_dict(self, step: int) -> dict[str, int]:
-        """Where in the schedule the run is (after ``step`` steps)."""
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """Where in the schedule the run is (after ``step`` steps), and the ends of its
+        time-budgeted visits."""
         v = visit_at(self.visits, step)
-        return {"visit": v.index, "visit_steps_done": step - v.start}
+        state: dict[str, Any] = {"visit": v.index, "visit_steps_done": step - v.start}
+        if self.closed:
+            state["closed"] = [list(c) for c in self.closed]
+        return state
 
 
 def reset_optimizer_state(engine: Any) -> None:

@@ -59,7 +59,10 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 class Monitor:
     """Rank-0 sink for rows, images and progress; a no-op on other ranks."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int):
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, total_steps: int | None, start_step: int
+    ) -> None:
+        """``total_steps`` None: the time budget, not a step count, ends the run."""
         self.enabled = enabled
         self.total = total_steps
         self.bar = None
@@ -105,8 +108,9 @@ class Monitor:
             self.bar.refresh()
         else:
             el = time.perf_counter() - self.t0
+            of = f"/{self.total}" if self.total is not None else ""
             print(
-                f"step {step}/{self.total} loss {loss:.6g} samples/s {sps:.2f} "
+                f"step {step}{of} loss {loss:.6g} samples/s {sps:.2f} "
                 f"level {level} res {res} elapsed {el:.0f}s eta {left}",
                 flush=True,
             )

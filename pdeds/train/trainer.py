@@ -66,6 +66,17 @@ class RunSetup:
     def total_steps(self) -> int:
         return self.visits[-1].end
 
+    @property
+    def steps_text(self) -> str:
+        """ "N steps", or the visits' shares of the time budget for a time-budgeted schedule."""
+        if self.visits[-1].until_s is None:
+            return f"{self.total_steps} steps"
+        return (
+            "steps set by the time budget ("
+            + ", ".join(f"{v.res}: {v.until_s:.0f} s" for v in self.visits)
+            + ")"
+        )
+
     def describe(self) -> str:
         """One line: ranks, batch, samples, visits, steps, where it starts."""
         g, mb, acc = self.batch
@@ -73,7 +84,7 @@ class RunSetup:
         start = f"resumes from {self.checkpoint}" if self.checkpoint else "starts at step 0"
         return (
             f"{self.world} rank(s), global batch {g} = {mb} x {acc} x {self.world}, {samples} "
-            f"training samples, {len(self.visits)} visit(s), {self.total_steps} steps; "
+            f"training samples, {len(self.visits)} visit(s), {self.steps_text}; "
             f"{self.run_dir} {start}"
         )
 
@@ -188,7 +199,10 @@ class Trainer:
         if setup.checkpoint is not None:
             self.load_state_dict(checkpoint.load(self.engine, setup.checkpoint))
         self.monitor = Monitor(
-            setup.run_dir, enabled=self.rank == 0, total_steps=self.total, start_step=self.start
+            setup.run_dir,
+            enabled=self.rank == 0,
+            total_steps=self.total if setup.visits[-1].until_s is None else None,
+            start_step=self.start,
         )
         eval_res = cfg.train.eval_res or cfg.problem.res
         self.held_out = load_held_out(cfg, eval_res, setup.run_dir / "cache")
@@ -221,6 +235,7 @@ class Trainer:
         """Continue after ``state`` (a checkpoint's): its step and clock, this run's LR."""
         self.start = int(state["step"])
         self.clock.load_state_dict(state)
+        self.hook.load_state_dict(state.get("schedule", {}))
         self.engine.lr_scheduler.seek(self.start)  # over the lr of the checkpoint's optimizer
 
     def train_step(self, step: int) -> StepStats:
@@ -318,6 +333,9 @@ class Trainer:
                 if self.eval_due(step):
                     self.evaluate(step)
                 stopped = stop.agreed(self.clock)
+                closed = self.hook.maybe_close(step, self.clock.agreed_s)
+                if closed and stopped is None and self.evaluated_at != step:
+                    self.evaluate(step)  # a time-budgeted visit ended: as at any visit's end
                 self.maybe_save(step, stopping=stopped is not None)
             self._announce_stop(step, stopped)
             if (step == self.total or stopped == "time_limit") and self.evaluated_at != step:
@@ -353,7 +371,7 @@ class Trainer:
         limit, ckpt = cfg.train.time_limit_s, setup.checkpoint
         self.monitor.say(
             f"pdeds {__version__}: {setup.world} rank(s), {self.parameters:,} parameters, "
-            f"{samples} training samples, {len(setup.visits)} visit(s), {self.total} steps"
+            f"{samples} training samples, {len(setup.visits)} visit(s), {setup.steps_text}"
             + (f", time limit {fmt_duration(limit)}" if limit else "")
             + (f", resumed at step {self.start} from {ckpt}" if ckpt else "")
         )
