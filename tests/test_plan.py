@@ -25,7 +25,7 @@ from pdeds.plan.planner import FRESH_CAP, model_size
 from pdeds.plan.symbolic import Variant, build, training_step
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = str(ROOT / "launch/configs/quickstart.yaml")
+QUICKSTART = str(ROOT / "tests/configs/unet32.yaml")
 QUICKSTART_PARAMS = 1_779_809
 """Parameters of the quickstart U-Net (depth 3, width 16, growth 2, group norm)."""
 SMALL_MODEL = UNetConfig(depth=2, width=16)

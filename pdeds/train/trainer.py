@@ -384,8 +384,9 @@ class Trainer:
             )
 
     def _announce(self, v: Visit) -> None:
+        span = f"{v.steps} steps" if v.until_s is None else f"until {v.until_s:.0f} s of training"
         self.monitor.say(
-            f"visit {v.index}: level {v.level} res {v.res} for {v.steps} steps "
+            f"visit {v.index}: level {v.level} res {v.res} for {span} "
             f"(batch {v.batch}, micro-batch {v.micro_batch}, lr x{v.lr_scale:g})"
         )
 
@@ -396,8 +397,9 @@ class Trainer:
             )
         elif stopped == "time_limit":
             spent, limit = fmt_duration(self.clock.train_s), fmt_duration(self.clock.limit_s)
+            of = f"/{self.total}" if self.setup.visits[-1].until_s is None else ""
             self.monitor.say(
                 f"stopped on time: time limit {limit} reached after {spent} of training at step "
-                f"{step}/{self.total}; checkpoint at step {step}; continue with --resume auto "
+                f"{step}{of}; checkpoint at step {step}; continue with --resume auto "
                 "and a larger --time-limit"
             )
