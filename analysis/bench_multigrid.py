@@ -11,17 +11,17 @@ the network (the default model unless ``--set model.*``), the weight seed, the h
 vectors, ``data.train_samples: 0``, ``data.seed``).
 
 How a fair comparison is made:
-1. Step times. A short run at every level measures the median optimizer-step time t_l (with
-   the level's batch), under the same ``--jobs`` concurrency as the contenders.
-2. Step plans that fill the cap. The finest-only run gets cap / t_L steps. A cycle spends the
-   fraction ``--time-share`` [l] of the cap at level l (split evenly over that level's visits):
-   ``schedule.level[l].steps = share_l x cap / (visits_l x t_l)``. So no contender's last
-   (finest) visit is cut short by a step budget sized for another.
-3. The cap itself. Every run also has ``train.time_limit = cap``: whoever is slower than
-   planned stops there (training wall time, evaluation excluded).
-4. Targets: the finest-only run's best held-out mean rel-L2 at 1/4, 1/2 and all of the cap.
+1. One wall-time cap for all. Every run has ``train.time_limit = cap`` (training time,
+   evaluation excluded) and a cosine learning rate that decays over that budget, so each one
+   trains until the cap and ends annealed; none is cut short by a step budget sized for another.
+2. Cycles split the cap by level. Level l gets the fraction ``--time-share`` [l] of the cap,
+   split evenly over its visits (``schedule.level[l].time``): the trainer ends each visit when
+   its share of the training clock is spent, so the last (finest) visit always gets its share.
+3. Targets: the finest-only run's best held-out mean rel-L2 at 1/4, 1/2 and all of the cap.
    For each contender: training wall time and samples to first reach each target, and its
    error at equal wall time (the last evaluation at or before the finest-only run's end).
+4. About ``--evals`` evaluations per run (``train.eval_every`` in steps, from a short measurement
+   of each level's step time and the run's time shares).
 
 Outputs: a markdown table (printed and ``bench_multigrid.md``), ``bench_multigrid.json`` and
 ``bench_multigrid.png`` (error vs training wall time, every contender).
@@ -70,25 +70,20 @@ def curve(run_dir: Path) -> list[dict]:
     return [r for r in rows(run_dir) if "val_rel_l2_mean" in r]
 
 
-def level_overrides(args: argparse.Namespace, steps: list[int] | None = None) -> list[str]:
-    """``schedule.level`` with each level's batch, micro-batch, lr scale (and steps)."""
+def level_overrides(args: argparse.Namespace, time: list[float]) -> list[str]:
+    """``schedule.level`` with each level's batch, micro-batch, lr scale and time share."""
     entries = []
     for i, _ in enumerate(args.levels):
         e = {"batch": args.batch[i], "micro_batch": args.micro_batch[i]}
-        e["lr_scale"] = args.lr_scale[i]
-        if steps is not None:
-            e["steps"] = steps[i]
+        e |= {"lr_scale": args.lr_scale[i], "time": round(time[i], 6)}
         entries.append("{" + ", ".join(f"{k}: {v}" for k, v in e.items()) + "}")
     return ["schedule.level=[" + ", ".join(entries) + "]"]
 
 
-def step_times(
-    args: argparse.Namespace, common: list[str], pool: ThreadPoolExecutor
-) -> list[float]:
-    """Median step time of each level (a short single-level run per level)."""
-
-    def measure(i: int) -> float:
-        n = args.levels[i]
+def step_times(args: argparse.Namespace, common: list[str]) -> list[float]:
+    """Median step time of each level (a short run per level), to space the evaluations."""
+    out = []
+    for i, n in enumerate(args.levels):
         ov = common + [
             f"problem.res={n}",
             "train.steps=12",
@@ -98,26 +93,30 @@ def step_times(
             f"ds.train_micro_batch_size_per_gpu={args.micro_batch[i]}",
         ]
         run_dir = train(f"steptime_{n}", args.out, ov, args.threads)
-        times = [r["time_step_s"] for r in rows(run_dir) if "time_step_s" in r][2:]
-        return statistics.median(times)
-
-    return list(pool.map(measure, range(len(args.levels))))
-
-
-def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, tuple[list[str], int]]:
-    """(overrides, total steps) of every contender: finest only, then each distinct cycle."""
-    top = len(args.levels) - 1
-    cap = args.cap
-    finest = max(1, int(cap / t[top]))
-    out = {
-        "finest only": (
-            [
-                f"train.steps={finest}",
-                f"ds.train_batch_size={args.batch[top]}",
-                f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",
-            ],
-            finest,
+        out.append(
+            statistics.median([r["time_step_s"] for r in rows(run_dir) if "time_step_s" in r][2:])
         )
+    return out
+
+
+def eval_every(args: argparse.Namespace, t: list[float], share: list[float]) -> int:
+    """Steps between evaluations for about ``--evals`` of them in a run that spends the
+    fraction ``share[l]`` of the cap at level l: the run's steps are sum_l share_l cap / t_l."""
+    steps = sum(f * args.cap / t_l for f, t_l in zip(share, t))
+    return max(1, int(steps / args.evals))
+
+
+def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, list[str]]:
+    """Overrides of every contender: finest only, then each distinct cycle."""
+    top = len(args.levels) - 1
+    only = [0.0] * top + [1.0]
+    out = {
+        "finest only": [
+            "train.steps=1000000000",  # the cap ends it
+            f"ds.train_batch_size={args.batch[top]}",
+            f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",
+            f"train.eval_every={eval_every(args, t, only)}",
+        ]
     }
     seen = set()
     res = "[" + ", ".join(str(n) for n in args.levels) + "]"
@@ -126,17 +125,15 @@ def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, tuple[list
         if seq in seen:  # e.g. W(2) and F(2) are the same visit sequence
             continue
         seen.add(seq)
-        counts = [seq.count(lvl) for lvl in range(len(args.levels))]
-        share = [s / sum(args.time_share) for s in args.time_share]
-        steps = [max(1, int(share[i] * cap / (counts[i] * t[i]))) for i in range(len(t))]
-        ov = [
+        total = [s / sum(args.time_share) for s in args.time_share]
+        share = [f / seq.count(i) for i, f in enumerate(total)]
+        out[cyc] = [
             f"schedule.cycle={cyc}",
             f"schedule.levels={len(args.levels)}",
             f"schedule.resolutions={res}",
-            "train.steps=1",  # the absolute level budgets decide
-            *level_overrides(args, steps),
+            *level_overrides(args, share),
+            f"train.eval_every={eval_every(args, t, total)}",
         ]
-        out[cyc] = (ov, sum(steps[lvl] for lvl in seq))
     return out
 
 
@@ -145,7 +142,9 @@ def first_reach(curve_: list[dict], target: float) -> dict | None:
 
 
 def best_until(curve_: list[dict], t: float) -> float:
-    return min((r["val_rel_l2_mean"] for r in curve_ if r["train_s"] <= t), default=float("nan"))
+    """Best error evaluated by training time t (the first evaluation's if none was by then)."""
+    early = [r["val_rel_l2_mean"] for r in curve_ if r["train_s"] <= t]
+    return min(early) if early else curve_[0]["val_rel_l2_mean"]
 
 
 def summarise(args: argparse.Namespace, curves: dict[str, list[dict]], t: list[float]) -> dict:
@@ -153,6 +152,7 @@ def summarise(args: argparse.Namespace, curves: dict[str, list[dict]], t: list[f
     end = base[-1]["train_s"]
     targets = [best_until(base, end * f) for f in (0.25, 0.5, 1.0)]
     out = {"levels": args.levels, "dim": args.dim, "cap_s": args.cap, "step_s": t}
+    out["time_share"] = args.time_share
     out["targets"] = targets
     out["results"] = {}
     for name, c in curves.items():
@@ -171,8 +171,9 @@ def summarise(args: argparse.Namespace, curves: dict[str, list[dict]], t: list[f
 def table(s: dict) -> str:
     n, d = s["levels"][-1], s["dim"]
     head = [
-        f"finest level {n}^{d}, levels {s['levels']}, cap {s['cap_s']:.0f} s of training; "
-        f"step times {', '.join(f'{x * 1e3:.0f} ms' for x in s['step_s'])} (coarse to fine)",
+        f"finest level {n}^{d}, levels {s['levels']}, cap {s['cap_s']:.0f} s of training, "
+        f"cycles' time shares {s['time_share']}; step times "
+        f"{', '.join(f'{x * 1e3:.0f} ms' for x in s['step_s'])} (coarse to fine)",
         "targets = the finest-only run's best held-out mean rel-L2 after 1/4, 1/2, all of its "
         f"time: {', '.join(f'{x:.4g}' for x in s['targets'])}",
         "",
@@ -263,16 +264,15 @@ def main() -> None:
         "train.lr_schedule=cosine",
         *args.extra,
     ]
+    t = step_times(args, common)
+    cfg = common + [f"problem.res={args.levels[-1]}", f"train.time_limit={args.cap}"]
+    runs = contenders(args, t)
+
+    def run(item: tuple[str, list[str]]) -> Path:
+        name, ov = item
+        return train(name.replace(" ", "_"), args.out, cfg + ov, args.threads)
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        t = step_times(args, common, pool)
-        runs = contenders(args, t)
-
-        def run(item: tuple[str, tuple[list[str], int]]) -> Path:
-            name, (ov, steps) = item
-            cfg = common + [f"problem.res={args.levels[-1]}", f"train.time_limit={args.cap}"]
-            cfg += [f"train.eval_every={max(1, steps // args.evals)}"]
-            return train(name.replace(" ", "_"), args.out, cfg + ov, args.threads)
-
         dirs = dict(zip(runs, pool.map(run, runs.items())))
     curves = {name: curve(d) for name, d in dirs.items()}
     s = summarise(args, curves, t)
