@@ -78,7 +78,7 @@ def test_plan_absolute_budgets_and_level_batches():
 def test_schedule_validation_errors():
     with pytest.raises(PdedsError, match="2 entries for 3 levels"):
         _schedule(cycle="v", levels=3, level=[{}, {}])
-    with pytest.raises(PdedsError, match="every level a steps or epochs"):
+    with pytest.raises(PdedsError, match="every level a steps, epochs or time budget"):
         _schedule(cycle="v", levels=2, level=[{"steps": 3}, {}])
     with pytest.raises(PdedsError, match="must increase"):
         _schedule(cycle="v", levels=2, resolutions=[32, 16])
