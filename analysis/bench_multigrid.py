@@ -44,6 +44,12 @@ sys.path.insert(0, str(ROOT))
 from pdeds.multigrid import visits  # noqa: E402
 
 CYCLES = ("half-v", "v", "w", "f")
+SINGLE = [  # the quickstart's own schedule replaced by one level
+    "schedule.cycle=single",
+    "schedule.levels=1",
+    "schedule.resolutions=null",
+    "schedule.level=[]",
+]
 
 
 def train(name: str, out: Path, overrides: list[str], threads: int) -> Path:
@@ -84,8 +90,9 @@ def step_times(args: argparse.Namespace, common: list[str]) -> list[float]:
     """Median step time of each level (a short run per level), to space the evaluations."""
     out = []
     for i, n in enumerate(args.levels):
-        ov = common + [
+        ov = common + SINGLE + [
             f"problem.res={n}",
+            "train.time_limit=null",
             "train.steps=12",
             "train.log_every=1",
             "train.eval_every=0",
@@ -111,7 +118,7 @@ def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, list[str]]
     top = len(args.levels) - 1
     only = [0.0] * top + [1.0]
     out = {
-        "finest only": [
+        "finest only": SINGLE + [
             "train.steps=1000000000",  # the cap ends it
             f"ds.train_batch_size={args.batch[top]}",
             f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",
