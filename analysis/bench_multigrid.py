@@ -90,7 +90,9 @@ def step_times(args: argparse.Namespace, common: list[str]) -> list[float]:
     """Median step time of each level (a short run per level), to space the evaluations."""
     out = []
     for i, n in enumerate(args.levels):
-        ov = common + SINGLE + [
+        ov = [
+            *common,
+            *SINGLE,
             f"problem.res={n}",
             "train.time_limit=null",
             "train.steps=12",
@@ -118,7 +120,8 @@ def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, list[str]]
     top = len(args.levels) - 1
     only = [0.0] * top + [1.0]
     out = {
-        "finest only": SINGLE + [
+        "finest only": [
+            *SINGLE,
             "train.steps=1000000000",  # the cap ends it
             f"ds.train_batch_size={args.batch[top]}",
             f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",
