@@ -35,7 +35,7 @@ from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
 from pdeds.multigrid import Visit, samples_seen, visit_at
 from pdeds.optim import client_optimizer
-from pdeds.train import checkpoint, lr, rundir
+from pdeds.train import checkpoint, lr, rundir, runlock
 from pdeds.train.clock import StopRequest, TrainClock, fmt_duration
 from pdeds.train.data import split_global_batch, training_coeffs, training_samples
 from pdeds.train.engine import build_engine, device, init_distributed
@@ -60,7 +60,9 @@ class RunSetup:
     config_text: str
     """The resolved config as config.yaml holds it."""
     checkpoint: Path | None
-    """The complete checkpoint to resume from."""
+    """The complete checkpoint to resume from (the newest one that loads)."""
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    """Newer complete checkpoints that do not load, and why (kept, marked by ``train``)."""
 
     @property
     def total_steps(self) -> int:
@@ -97,25 +99,28 @@ def preflight(
     resume: str | None = None,
     force: bool = False,
     memory: bool = True,
+    check_lock: bool = True,
 ) -> RunSetup:
     """Everything ``train`` checks before an engine exists, for ``world`` ranks, leaving
     ``run_dir`` untouched: batch sizes, training data, the visit plan, the LR scheduler's name,
     the run directory, (with ``memory``) whether rank 0 can solve the held-out references, and
-    the checkpoint to resume. Launchers run it once (``pdeds train --check-only --ranks N``) so
-    that a bad input is one error before N ranks start, not N errors after."""
+    the checkpoint to resume (the newest that loads); with ``check_lock`` also that no other
+    process holds the run directory's lock and that it can be written. Launchers run it once
+    (``pdeds train --check-only --ranks N``) so that a bad input is one error before N ranks
+    start, not N errors after."""
     batch = res.view.batch_sizes(world)
     coeffs = training_coeffs(res.cfg)
     visits = visits_for(res, world, 0 if coeffs is None else len(coeffs))
     if res.view.scheduler is not None:
         lr.scheduler_class(res.view.scheduler)
     config_text = dump_yaml(res.cfg)
-    why = rundir.verdict(run_dir, config_text, resume, force)
+    why = rundir.verdict(run_dir, config_text, resume, force, check_lock=check_lock)
     if why is None and memory:
         why = held_out_memory_problem(res.cfg, run_dir / "cache")
     if why is not None:
         raise PdedsError(why)
-    ckpt = checkpoint.resolve_resume(run_dir, resume)
-    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt)
+    ckpt, damaged = checkpoint.resolve_resume(run_dir, resume)
+    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt, damaged)
 
 
 def train(
@@ -129,10 +134,18 @@ def train(
     """Train, evaluate and checkpoint one experiment on this rank; returns the summary (also
     summary.json). ``now`` is the training clock's time source."""
     _, world = init_distributed()
-    # Memory readings differ between ranks that are already running: the launchers' check says it.
-    setup = preflight(res, run_dir, world, resume=resume, force=force, memory=world == 1)
-    rundir.prepare(run_dir, setup.config_text, resume, force)
-    return Trainer(setup, now=now).train()
+    lock = runlock.acquire(run_dir)  # rank 0 holds it until the run ends, however it ends
+    try:
+        # Memory readings differ between ranks that are already running: the launchers' check
+        # says it.
+        setup = preflight(
+            res, run_dir, world, resume=resume, force=force, memory=world == 1, check_lock=False
+        )
+        rundir.prepare(run_dir, setup.config_text, resume, force)
+        checkpoint.mark_damaged(setup.damaged, run_dir / "checkpoints", setup.checkpoint)
+        return Trainer(setup, now=now).train()
+    finally:
+        lock.release()
 
 
 @dataclass
