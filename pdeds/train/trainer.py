@@ -35,13 +35,14 @@ from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
 from pdeds.multigrid import Visit, samples_seen, visit_at
 from pdeds.optim import client_optimizer
-from pdeds.train import checkpoint, lr, rundir, runlock
+from pdeds.train import checkpoint, lr, reshard, rundir, runlock
 from pdeds.train.clock import StopRequest, TrainClock, fmt_duration
 from pdeds.train.data import split_global_batch, training_coeffs, training_samples
 from pdeds.train.engine import build_engine, device, init_distributed
 from pdeds.train.evaluate import evaluate, held_out_memory_problem, load_held_out
 from pdeds.train.hook import LevelHook
 from pdeds.train.monitor import Monitor, peak_memory_mb
+from pdeds.train.reshard import Reshard
 from pdeds.train.step import Phases, train_step
 
 
@@ -63,6 +64,8 @@ class RunSetup:
     """The complete checkpoint to resume from (the newest one that loads)."""
     damaged: list[tuple[Path, str]] = field(default_factory=list)
     """Newer complete checkpoints that do not load, and why (kept, marked by ``train``)."""
+    reshard: Reshard | None = None
+    """Set when the checkpoint was written by another rank count."""
 
     @property
     def total_steps(self) -> int:
@@ -87,7 +90,7 @@ class RunSetup:
         return (
             f"{self.world} rank(s), global batch {g} = {mb} x {acc} x {self.world}, {samples} "
             f"training samples, {len(self.visits)} visit(s), {self.steps_text}; "
-            f"{self.run_dir} {start}"
+            f"{self.run_dir} {start}" + (f" ({self.reshard.describe()})" if self.reshard else "")
         )
 
 
@@ -120,7 +123,8 @@ def preflight(
     if why is not None:
         raise PdedsError(why)
     ckpt, damaged = checkpoint.resolve_resume(run_dir, resume)
-    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt, damaged)
+    moved = reshard.plan(ckpt, world, res.view.stage, res.cfg.optim.name)
+    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt, damaged, moved)
 
 
 def train(
@@ -210,7 +214,7 @@ class Trainer:
         self.hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
         self.start = 0
         if setup.checkpoint is not None:
-            self.load_state_dict(checkpoint.load(self.engine, setup.checkpoint))
+            self.load_state_dict(checkpoint.load(self.engine, self._checkpoint_to_load()))
         self.monitor = Monitor(
             setup.run_dir,
             enabled=self.rank == 0,
@@ -222,6 +226,12 @@ class Trainer:
         self.scores: dict[str, float] = {}
         self.evaluated_at: int | None = None
 
+    def _checkpoint_to_load(self) -> Path:
+        """The checkpoint folder, or its universal form when the rank count changed."""
+        ckpt, moved = self.setup.checkpoint, self.setup.reshard
+        assert ckpt is not None
+        return reshard.universal(ckpt) if moved is not None and moved.universal else ckpt
+
     def _build_engine(self) -> tuple[Any, int]:
         """The model (seeded by train.seed) in a DeepSpeed engine with the run's LR scheduler,
         and its parameter count; rank 0 writes config.yaml and the DeepSpeed JSON as used."""
@@ -230,7 +240,10 @@ class Trainer:
         model = build_model(cfg.problem.dim, cfg.model).to(self.device)
         n_params = count_parameters(model)  # before ZeRO-3 partitions them away
         sched = partial(lr.build_scheduler, cfg.train, setup.visits, setup.res.ds, clock=self.clock)
-        engine, ds_used = build_engine(model, cfg, setup.res.ds, lr_scheduler=sched)
+        ds = setup.res.ds
+        if setup.reshard is not None and setup.reshard.universal:
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+        engine, ds_used = build_engine(model, cfg, ds, lr_scheduler=sched)
         if self.rank == 0:
             (setup.run_dir / "config.yaml").write_text(setup.config_text)
             (setup.run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
@@ -388,6 +401,8 @@ class Trainer:
             + (f", time limit {fmt_duration(limit)}" if limit else "")
             + (f", resumed at step {self.start} from {ckpt}" if ckpt else "")
         )
+        if setup.reshard is not None:
+            self.monitor.say(setup.reshard.describe())
         g = setup.batch[0]
         if self.hold == 0 and setup.coeffs is not None and g < len(setup.coeffs):
             self.monitor.say(
