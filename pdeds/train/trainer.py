@@ -37,7 +37,13 @@ from pdeds.multigrid import Visit, samples_seen, visit_at
 from pdeds.optim import client_optimizer
 from pdeds.train import checkpoint, lr, reshard, rundir, runlock
 from pdeds.train.clock import StopRequest, TrainClock, fmt_duration
-from pdeds.train.data import split_global_batch, training_coeffs, training_samples
+from pdeds.train.data import (
+    batch_problem,
+    split_global_batch,
+    training_coeffs,
+    training_memory_problem,
+    training_samples,
+)
 from pdeds.train.engine import build_engine, device, init_distributed
 from pdeds.train.evaluate import evaluate, held_out_memory_problem, load_held_out
 from pdeds.train.hook import LevelHook
@@ -112,8 +118,15 @@ def preflight(
     (``pdeds train --check-only --ranks N``) so that a bad input is one error before N ranks
     start, not N errors after."""
     batch = res.view.batch_sizes(world)
+    why = training_memory_problem(res.cfg)
+    if why is not None:
+        raise PdedsError(why)
     coeffs = training_coeffs(res.cfg)
-    visits = visits_for(res, world, 0 if coeffs is None else len(coeffs))
+    samples = 0 if coeffs is None else len(coeffs)
+    visits = visits_for(res, world, samples)
+    why = batch_problem(res.cfg, samples, [v.batch for v in visits])
+    if why is not None:
+        raise PdedsError(why)
     if res.view.scheduler is not None:
         lr.scheduler_class(res.view.scheduler)
     config_text = dump_yaml(res.cfg)
