@@ -95,7 +95,7 @@ def damage(path: Path) -> str | None:
     files = sorted(path.glob("*.pt"))
     if not any(f.name.endswith("model_states.pt") for f in files):
         return "no DeepSpeed model states"
-    ranks = {m.group(1) for f in files if (m := re.match(r"zero_pp_rank_(\d+)_", f.name))}
+    ranks = {m.group(1) for f in files if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
     if ranks and len(ranks) != world:
         return f"files of {len(ranks)} rank(s), written by {world}"
     for f in files:

@@ -68,7 +68,7 @@ def saved_world(path: Path) -> int | None:
     if "world" in marker:
         return int(marker["world"])
     ranks = {
-        m.group(1) for f in path.glob("*.pt") if (m := re.match(r"zero_pp_rank_(\d+)_", f.name))
+        m.group(1) for f in path.glob("*.pt") if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))
     }
     return len(ranks) or None
 
