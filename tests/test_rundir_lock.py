@@ -27,7 +27,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
     lock = runlock.acquire(run)  # this process plays the running `pdeds train`
     try:
         assert runlock.holder(run) is not None
-        for extra in ([], ["--check-only"], ["--resume", "auto"]):
+        for extra in ([], ["--check-only"]):
             line = _error_line(pdeds("train", str(cfg), "--run-dir", str(run), *extra))
             assert f"pid {os.getpid()} on host {socket.gethostname()}" in line, (extra, line)
             assert "in use" in line and "another --run-dir" in line
