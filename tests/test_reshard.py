@@ -18,8 +18,8 @@ from pdeds.errors import PdedsError
 from pdeds.testing.distributed import run_ranks
 
 ADAM = ["optim.name=adam", "optim.lr=1e-3", "train.checkpoint_every=2"]
-DEFAULT_STAGES = (1, 2)
-SLOW_STAGES = (0, 3)
+DEFAULT_STAGES = (2,)
+SLOW_STAGES = (0, 1, 3)
 
 
 def _overrides(stage: int, steps: int) -> list[str]:
@@ -81,13 +81,13 @@ def _check(truth: dict, resumed: dict, stages) -> None:
             assert got["universal"] == (s > 0), (s, n, m)
 
 
-def test_resume_on_another_rank_count_zero1_zero2(tmp_path):
+def test_resume_on_another_rank_count_zero2(tmp_path):
     truth, resumed = _cases(str(tmp_path), DEFAULT_STAGES)
     _check(truth, resumed, DEFAULT_STAGES)
 
 
 @pytest.mark.slow
-def test_resume_on_another_rank_count_zero0_zero3(tmp_path):
+def test_resume_on_another_rank_count_zero0_zero1_zero3(tmp_path):
     truth, resumed = _cases(str(tmp_path), SLOW_STAGES)
     _check(truth, resumed, SLOW_STAGES)
 

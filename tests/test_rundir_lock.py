@@ -22,14 +22,28 @@ def _error_line(proc) -> str:
     return line
 
 
-def test_second_writer_is_refused_naming_the_holder(tmp_path):
+def _check_only(capsys, *args: str) -> str:
+    """``pdeds train ... --check-only`` in this process (no engine); its error line."""
+    from pdeds.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *args, "--check-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("pdeds: error:")]
+    return line
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     cfg, run = write_tiny(tmp_path / "c.yaml"), tmp_path / "run"
     lock = runlock.acquire(run)  # this process plays the running `pdeds train`
     try:
-        assert runlock.holder(run) is not None
-        for extra in ([], ["--check-only"]):
-            line = _error_line(pdeds("train", str(cfg), "--run-dir", str(run), *extra))
-            assert f"pid {os.getpid()} on host {socket.gethostname()}" in line, (extra, line)
+        lines = [
+            _error_line(pdeds("train", str(cfg), "--run-dir", str(run))),
+            _check_only(capsys, str(cfg), "--run-dir", str(run)),
+        ]
+        for line in lines:
+            assert f"pid {os.getpid()} on host {socket.gethostname()}" in line, line
             assert "in use" in line and "another --run-dir" in line
     finally:
         lock.release()
@@ -57,22 +71,23 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     assert (run / runlock.LOCK).is_file()
 
 
-def test_unwritable_run_dir_is_one_error_check_only_too(tmp_path):
+def test_unwritable_run_dir_is_one_error_check_only_too(tmp_path, capsys):
     cfg = write_tiny(tmp_path / "c.yaml")
     (tmp_path / "afile").write_text("x")
     bad = tmp_path / "afile" / "run"
-    for extra in (["--check-only"], []):
-        line = _error_line(pdeds("train", str(cfg), "--run-dir", str(bad), *extra))
-        assert str(bad) in line and "--run-dir" in line, (extra, line)
+    line = _check_only(capsys, str(cfg), "--run-dir", str(bad))
+    assert f"--run-dir {bad} cannot be created: {tmp_path / 'afile'} is not a directory" in line
+    line = _error_line(pdeds("train", str(cfg), "--run-dir", str(bad)))
+    assert f"--run-dir {bad}: cannot create or write it" in line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_run_dir_is_refused_by_check_only(tmp_path):
+def test_read_only_run_dir_is_refused_by_check_only(tmp_path, capsys):
     cfg, ro = write_tiny(tmp_path / "c.yaml"), tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        line = _error_line(pdeds("train", str(cfg), "--run-dir", str(ro / "run"), "--check-only"))
+        line = _check_only(capsys, str(cfg), "--run-dir", str(ro / "run"))
         assert "not writable" in line
     finally:
         ro.chmod(0o755)
