@@ -34,6 +34,14 @@ def available_bytes(gpu: bool) -> float:
     return available_memory_gib() * GiB
 
 
+def size_text(x: float) -> str:
+    """Bytes in KiB / MiB / GiB / TiB with 3 significant digits."""
+    for unit, size in (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket() as s:

@@ -134,7 +134,7 @@ def test_run_dir_guard_resume_and_force(tmp_path):
     other = write_tiny(tmp_path / "o.yaml", model={"width": 8})
     r = pdeds("train", str(other), "--run-dir", str(run), "--resume", "auto")
     assert r.returncode == 2 and "differs from the run" in r.stderr and "model" in r.stderr
-    before = sorted(p.name for p in run.iterdir())
+    before = sorted(p.name for p in run.iterdir() if p.name != "pdeds.lock")  # the lock stays
     r = pdeds("train", str(cfg), "--run-dir", str(run), "--force", "--set", "train.steps=1")
     assert r.returncode == 0, r.stderr
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]

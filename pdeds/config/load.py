@@ -138,11 +138,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {path} not found; pass a YAML such as launch/configs/quickstart.yaml"
         )
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise PdedsError(
             f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
         ) from None
+    if data is None:
+        raise PdedsError(
+            f"config file {path} is empty; write the sections to set (see "
+            "launch/configs/quickstart.yaml), or `{}` for every default"
+        )
     if not isinstance(data, dict):
         raise PdedsError(f"config file {path} must hold a mapping of sections")
     return data

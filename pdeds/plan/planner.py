@@ -128,7 +128,13 @@ def schedule_levels(resolved: Any, world: int) -> list[Any]:
     from pdeds.config import visits_for
 
     first: dict[int, Any] = {}
-    for visit in visits_for(resolved, world):
+    from pdeds.train.data import batch_problem
+
+    visits = visits_for(resolved, world)
+    why = batch_problem(resolved.cfg, resolved.cfg.data.train_samples, [v.batch for v in visits])
+    if why is not None:
+        raise PdedsError(why)
+    for visit in visits:
         first.setdefault(visit.level, visit)
     return [first[level] for level in sorted(first)]
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from pdeds.study.expansion import Run
 from pdeds.study.launch import local_command
 from pdeds.study.spec import Study
+from pdeds.train.runlock import LOCK
 
 
 def run_state(run_dir: Path) -> str:
     """new | done (summary.json completed) | partial (holds a run) | other (files, no run)."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return "new"
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
+        return "new"  # empty, or only the lock file of a start that failed
     summary = run_dir / "summary.json"
     if summary.is_file():
         try:

@@ -22,6 +22,7 @@ import torch
 
 from pdeds.config import ExperimentConfig
 from pdeds.errors import PdedsError
+from pdeds.machine import available_bytes, size_text
 from pdeds.physics import kl
 
 CACHE_BYTES = 1 << 30
@@ -148,6 +149,36 @@ class FreshSamples:
         """nu (len(idx), 1, res..) float32 on the device, evaluated from a_i."""
         c = torch.as_tensor(self.coeffs(idx), dtype=torch.float64, device=self.device)
         return kl.diffusivity(c, res, dim=self.dim, eta=self.eta, family=self.family).float()
+
+
+def training_memory_problem(cfg: ExperimentConfig) -> str | None:
+    """Why this host cannot hold the fixed training set, or None. Per sample it keeps its
+    coefficient vector (m float64) and one entry of each of two epoch permutations (int64):
+    K (8 m + 16) bytes; nu fields are cached only below ``CACHE_BYTES``."""
+    k = cfg.data.train_samples
+    if k == 0 or cfg.data.path is not None:
+        return None
+    need, free = k * (8 * cfg.problem.modes + 16), available_bytes(False)
+    if need <= free:
+        return None
+    return (
+        f"data.train_samples {k:,}: the fixed training set needs {size_text(need)} of host "
+        f"memory, {size_text(free)} is available; lower data.train_samples, or set it to 0 for "
+        "an unlimited stream of fresh samples"
+    )
+
+
+def batch_problem(cfg: ExperimentConfig, samples: int, batches: list[int]) -> str | None:
+    """Why a global batch of a fixed training set of ``samples`` would repeat samples, or None."""
+    big = max(batches, default=0)
+    if samples == 0 or big <= samples:
+        return None
+    where = f"data.path {cfg.data.path}" if cfg.data.path else "data.train_samples"
+    return (
+        f"a global batch of {big} is larger than the {samples} training samples ({where}): "
+        f"every step would repeat samples; use at least {big} training samples or a smaller "
+        "ds.train_batch_size (or schedule.level[].batch)"
+    )
 
 
 def training_coeffs(cfg: ExperimentConfig) -> np.ndarray | None:

@@ -19,6 +19,7 @@ import torch
 
 from pdeds import distributed
 from pdeds.config import ExperimentConfig
+from pdeds.machine import available_bytes, size_text
 from pdeds.physics import fem, kl, metrics, reference
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -72,10 +73,31 @@ def _solve(cfg: ExperimentConfig, coeffs: np.ndarray, res: int) -> tuple[torch.T
     return u, per
 
 
+def held_out_size_problem(cfg: ExperimentConfig, res: int) -> str | None:
+    """Why this host cannot hold the held-out set at ``res``, or None: per sample its
+    coefficients (m float64) and nu, the reference and the prediction (float64, res^d each):
+    K (8 m + 24 res^d) bytes."""
+    if cfg.data.val_path is not None:
+        return None
+    k = cfg.data.val_samples
+    need = k * (8 * cfg.problem.modes + 24 * res**cfg.problem.dim)
+    free = available_bytes(False)
+    if need <= free:
+        return None
+    return (
+        f"data.val_samples {k:,}: the held-out set at {res}^{cfg.problem.dim} needs "
+        f"{size_text(need)} of host memory, {size_text(free)} is available; lower "
+        "data.val_samples (or train.eval_res)"
+    )
+
+
 def held_out_memory_problem(cfg: ExperimentConfig, cache_dir: Path | None) -> str | None:
     """Why rank 0 could not solve the held-out references (host memory for amg, its GPU for the
     matrix-free methods), or None: they come from data.val_path or the cache, or they fit."""
     res = cfg.train.eval_res or cfg.problem.res
+    why = held_out_size_problem(cfg, res)
+    if why is not None:
+        return why
     cached = (
         cache_dir is not None
         and (cache_dir / f"heldout_{_cache_key(cfg, res, cfg.data.val_samples)}.h5").is_file()

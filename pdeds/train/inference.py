@@ -43,9 +43,10 @@ def load_config(run_dir: Path) -> ExperimentConfig:
 
 
 def load_run(run_dir: Path, ckpt: Path | None = None) -> TrainedRun:
-    """Model of ``run_dir`` with the weights of ``ckpt`` (default: newest complete one)."""
+    """Model of ``run_dir`` with the weights of ``ckpt`` (default: the newest complete one that
+    loads; a warning names the damaged newer ones it skipped)."""
     cfg = load_config(run_dir)
-    ckpt = ckpt or checkpoint.latest(run_dir / "checkpoints")
+    ckpt = ckpt or checkpoint.newest_loadable(run_dir / "checkpoints")[0]
     if ckpt is None:
         raise PdedsError(f"{run_dir} has no complete checkpoint yet; train it (pdeds train) first")
     dev = device()

@@ -35,13 +35,20 @@ from pdeds.errors import PdedsError
 from pdeds.models.unet import build_model, count_parameters
 from pdeds.multigrid import Visit, samples_seen, visit_at
 from pdeds.optim import client_optimizer
-from pdeds.train import checkpoint, lr, rundir
+from pdeds.train import checkpoint, lr, reshard, rundir, runlock
 from pdeds.train.clock import StopRequest, TrainClock, fmt_duration
-from pdeds.train.data import split_global_batch, training_coeffs, training_samples
+from pdeds.train.data import (
+    batch_problem,
+    split_global_batch,
+    training_coeffs,
+    training_memory_problem,
+    training_samples,
+)
 from pdeds.train.engine import build_engine, device, init_distributed
 from pdeds.train.evaluate import evaluate, held_out_memory_problem, load_held_out
 from pdeds.train.hook import LevelHook
 from pdeds.train.monitor import Monitor, peak_memory_mb
+from pdeds.train.reshard import Reshard
 from pdeds.train.step import Phases, train_step
 
 
@@ -60,7 +67,11 @@ class RunSetup:
     config_text: str
     """The resolved config as config.yaml holds it."""
     checkpoint: Path | None
-    """The complete checkpoint to resume from."""
+    """The complete checkpoint to resume from (the newest one that loads)."""
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    """Newer complete checkpoints that do not load, and why (kept, marked by ``train``)."""
+    reshard: Reshard | None = None
+    """Set when the checkpoint was written by another rank count."""
 
     @property
     def total_steps(self) -> int:
@@ -85,7 +96,7 @@ class RunSetup:
         return (
             f"{self.world} rank(s), global batch {g} = {mb} x {acc} x {self.world}, {samples} "
             f"training samples, {len(self.visits)} visit(s), {self.steps_text}; "
-            f"{self.run_dir} {start}"
+            f"{self.run_dir} {start}" + (f" ({self.reshard.describe()})" if self.reshard else "")
         )
 
 
@@ -97,25 +108,36 @@ def preflight(
     resume: str | None = None,
     force: bool = False,
     memory: bool = True,
+    check_lock: bool = True,
 ) -> RunSetup:
     """Everything ``train`` checks before an engine exists, for ``world`` ranks, leaving
     ``run_dir`` untouched: batch sizes, training data, the visit plan, the LR scheduler's name,
     the run directory, (with ``memory``) whether rank 0 can solve the held-out references, and
-    the checkpoint to resume. Launchers run it once (``pdeds train --check-only --ranks N``) so
-    that a bad input is one error before N ranks start, not N errors after."""
+    the checkpoint to resume (the newest that loads); with ``check_lock`` also that no other
+    process holds the run directory's lock and that it can be written. Launchers run it once
+    (``pdeds train --check-only --ranks N``) so that a bad input is one error before N ranks
+    start, not N errors after."""
     batch = res.view.batch_sizes(world)
+    why = training_memory_problem(res.cfg)
+    if why is not None:
+        raise PdedsError(why)
     coeffs = training_coeffs(res.cfg)
-    visits = visits_for(res, world, 0 if coeffs is None else len(coeffs))
+    samples = 0 if coeffs is None else len(coeffs)
+    visits = visits_for(res, world, samples)
+    why = batch_problem(res.cfg, samples, [v.batch for v in visits])
+    if why is not None:
+        raise PdedsError(why)
     if res.view.scheduler is not None:
         lr.scheduler_class(res.view.scheduler)
     config_text = dump_yaml(res.cfg)
-    why = rundir.verdict(run_dir, config_text, resume, force)
+    why = rundir.verdict(run_dir, config_text, resume, force, check_lock=check_lock)
     if why is None and memory:
         why = held_out_memory_problem(res.cfg, run_dir / "cache")
     if why is not None:
         raise PdedsError(why)
-    ckpt = checkpoint.resolve_resume(run_dir, resume)
-    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt)
+    ckpt, damaged = checkpoint.resolve_resume(run_dir, resume)
+    moved = reshard.plan(ckpt, world, res.view.stage, res.cfg.optim.name)
+    return RunSetup(res, run_dir, world, batch, coeffs, visits, config_text, ckpt, damaged, moved)
 
 
 def train(
@@ -129,10 +151,18 @@ def train(
     """Train, evaluate and checkpoint one experiment on this rank; returns the summary (also
     summary.json). ``now`` is the training clock's time source."""
     _, world = init_distributed()
-    # Memory readings differ between ranks that are already running: the launchers' check says it.
-    setup = preflight(res, run_dir, world, resume=resume, force=force, memory=world == 1)
-    rundir.prepare(run_dir, setup.config_text, resume, force)
-    return Trainer(setup, now=now).train()
+    lock = runlock.acquire(run_dir)  # rank 0 holds it until the run ends, however it ends
+    try:
+        # Memory readings differ between ranks that are already running: the launchers' check
+        # says it.
+        setup = preflight(
+            res, run_dir, world, resume=resume, force=force, memory=world == 1, check_lock=False
+        )
+        rundir.prepare(run_dir, setup.config_text, resume, force)
+        checkpoint.mark_damaged(setup.damaged, run_dir / "checkpoints", setup.checkpoint)
+        return Trainer(setup, now=now).train()
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -197,7 +227,7 @@ class Trainer:
         self.hold = cfg.optim.lbfgs.hold_steps if cfg.optim.name == "lbfgs" else 1
         self.start = 0
         if setup.checkpoint is not None:
-            self.load_state_dict(checkpoint.load(self.engine, setup.checkpoint))
+            self.load_state_dict(checkpoint.load(self.engine, self._checkpoint_to_load()))
         self.monitor = Monitor(
             setup.run_dir,
             enabled=self.rank == 0,
@@ -209,6 +239,12 @@ class Trainer:
         self.scores: dict[str, float] = {}
         self.evaluated_at: int | None = None
 
+    def _checkpoint_to_load(self) -> Path:
+        """The checkpoint folder, or its universal form when the rank count changed."""
+        ckpt, moved = self.setup.checkpoint, self.setup.reshard
+        assert ckpt is not None
+        return reshard.universal(ckpt) if moved is not None and moved.universal else ckpt
+
     def _build_engine(self) -> tuple[Any, int]:
         """The model (seeded by train.seed) in a DeepSpeed engine with the run's LR scheduler,
         and its parameter count; rank 0 writes config.yaml and the DeepSpeed JSON as used."""
@@ -217,7 +253,10 @@ class Trainer:
         model = build_model(cfg.problem.dim, cfg.model).to(self.device)
         n_params = count_parameters(model)  # before ZeRO-3 partitions them away
         sched = partial(lr.build_scheduler, cfg.train, setup.visits, setup.res.ds, clock=self.clock)
-        engine, ds_used = build_engine(model, cfg, setup.res.ds, lr_scheduler=sched)
+        ds = setup.res.ds
+        if setup.reshard is not None and setup.reshard.universal:
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+        engine, ds_used = build_engine(model, cfg, ds, lr_scheduler=sched)
         if self.rank == 0:
             (setup.run_dir / "config.yaml").write_text(setup.config_text)
             (setup.run_dir / "ds_config.json").write_text(json.dumps(ds_used, indent=2))
@@ -375,6 +414,8 @@ class Trainer:
             + (f", time limit {fmt_duration(limit)}" if limit else "")
             + (f", resumed at step {self.start} from {ckpt}" if ckpt else "")
         )
+        if setup.reshard is not None:
+            self.monitor.say(setup.reshard.describe())
         g = setup.batch[0]
         if self.hold == 0 and setup.coeffs is not None and g < len(setup.coeffs):
             self.monitor.say(
