@@ -147,7 +147,12 @@ def test_prepare_ds_config_patches_a_copy():
     [
         (OptimConfig(), _ds(optimizer={"type": "Adam"}), "'optimizer' block"),
         (OptimConfig(name="lbfgs"), _ds(3), "does not run under ZeRO stage 3"),
-        (OptimConfig(name="kfac"), _ds(1), r"does not run under ZeRO stage 1; use .*\(0\)"),
+        (OptimConfig(name="kfac"), _ds(3), r"does not run under ZeRO stage 3; use .*\(0, 1, 2\)"),
+        (
+            OptimConfig(name="kfac", kfac=KFACConfig(precondition="step")),
+            _ds(1),
+            r"does not run under ZeRO stage 1; use .*\(0\)",
+        ),
         (OptimConfig(name="lbfgs"), _ds(2, fp16={"enabled": True}), "fp16.enabled false"),
         (OptimConfig(name="lbfgs"), _ds(0, gradient_clipping=1.0), "gradient_clipping"),
         (OptimConfig(name="kfac"), _ds(0, bf16={"enabled": True}), "bf16.enabled false"),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pdeds.multigrid import Visit, close, visit_at
-from pdeds.optim import client_optimizer
+from pdeds import optim
 
 
 class LevelHook:
@@ -84,8 +84,4 @@ class LevelHook:
 
 def reset_optimizer_state(engine: Any) -> None:
     """Forget moments / curvature history of the client optimizer (``optimizer_state: reset``)."""
-    opt = client_optimizer(engine)
-    if hasattr(opt, "reset_state"):
-        opt.reset_state()
-    else:
-        opt.state.clear()
+    optim.reset_state(engine)
