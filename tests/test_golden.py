@@ -49,6 +49,7 @@ KFAC_BEFORE_13 = [
     "optim.kfac.factor_update_steps=1",
     "optim.kfac.factor_locations=0",
     "optim.kfac.warmup_steps=0",
+    "optim.kfac.max_factor_dim=0",
 ]
 """The K-FAC the curve was written with (issue 13 changed the defaults): the reduced gradient
 preconditioned in step() with this step's factors from every location, inner SGD, no warm-up."""

@@ -41,6 +41,11 @@ class KFACConfig:
     factor_locations: int = 512
     """Output locations per sample each layer's factors are estimated from, drawn at random
     from the seed and the step (the same on every rank); 0 = every location."""
+    max_factor_dim: int = 512
+    """Precondition only layers whose factors A, G are at most this size (a 3^3 convolution
+    with C inputs has A of 27 C + 1); larger layers keep their plain gradient. Their A costs
+    (27 C)^3 to decompose and is estimated from few rows where they run on coarse grids.
+    0 = every supported layer."""
     warmup_steps: int = 5
     """First-order steps (the inner optimizer alone) while the factors warm up; the first
     eigendecomposition follows them. 0 = precondition from the first step."""
@@ -141,6 +146,7 @@ def validate_kfac(c: KFACConfig) -> None:
     _integer_at_least("optim.kfac.factor_update_steps", c.factor_update_steps, 1)
     _integer_at_least("optim.kfac.inv_update_steps", c.inv_update_steps, 1)
     _integer_at_least("optim.kfac.factor_locations", c.factor_locations, 0)
+    _integer_at_least("optim.kfac.max_factor_dim", c.max_factor_dim, 0)
     _integer_at_least("optim.kfac.warmup_steps", c.warmup_steps, 0)
     _integer_at_least("optim.kfac.seed", c.seed, 0)
     _at_least("optim.kfac.kl_clip", c.kl_clip, 0.0)

@@ -30,7 +30,9 @@ def accelerator_name() -> str:
 def uses_ds_cpu_adam(name: str, view: dsconfig.DeepSpeedView) -> bool:
     """True when ``build_optimizer`` returns DeepSpeedCPUAdam (Adam/AdamW, CPU offload, CUDA)."""
     return (
-        name in ("adam", "adamw") and view.offload_optimizer == "cpu" and accelerator_name() != "cpu"
+        name in ("adam", "adamw")
+        and view.offload_optimizer == "cpu"
+        and accelerator_name() != "cpu"
     )
 
 

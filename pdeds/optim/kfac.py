@@ -14,7 +14,8 @@ eigendecompositions A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T every ``inv
 spread over the ranks (``kfac_distributed``). The preconditioned gradient of a layer is the
 damped Kronecker inverse
 
-    V = P dW_mat = (G (x) A + gamma I)^-1 dW_mat = Q_G [(Q_G^T dW_mat Q_A) / (l_G l_A^T + gamma)] Q_A^T,
+    V = P dW_mat = (G (x) A + gamma I)^-1 dW_mat
+      = Q_G [(Q_G^T dW_mat Q_A) / (l_G l_A^T + gamma)] Q_A^T,
 
 and the whole step is scaled by the KL-clip nu = min(1, sqrt(kl_clip / (lr^2 S))),
 S = sum_layers <V, dW_mat> = sum_layers <V, P^-1 V>. The inner torch optimizer then steps on
@@ -52,7 +53,7 @@ from torch import nn
 from pdeds.errors import PdedsError
 from pdeds.optim import kfac_distributed as comm
 from pdeds.optim.first_order import first_order
-from pdeds.optim.kfac_layers import LayerHelper, supported
+from pdeds.optim.kfac_layers import LayerHelper, preconditioned_layers
 
 assign_inversions = comm.assign_inversions
 
@@ -69,6 +70,7 @@ def build_kfac(model: nn.Module, cfg: Any, ds: dict | None = None) -> torch.opti
         factor_update_steps=c.factor_update_steps,
         inv_update_steps=c.inv_update_steps,
         factor_locations=c.factor_locations,
+        max_factor_dim=c.max_factor_dim,
         warmup_steps=c.warmup_steps,
         kl_clip=c.kl_clip,
         precondition=c.precondition,
@@ -95,7 +97,8 @@ class KFACPreconditioner:
     Args:
         model: the network; forward hooks are registered on its supported layers.
         damping, factor_decay, factor_update_steps, inv_update_steps, factor_locations,
-        warmup_steps, kl_clip, precondition, seed: see ``pdeds.optim.config.KFACConfig``.
+        max_factor_dim, warmup_steps, kl_clip, precondition, seed: see
+        ``pdeds.optim.config.KFACConfig`` (the defaults here are the K-FAC of before issue 13).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class KFACPreconditioner:
         factor_update_steps: int = 1,
         inv_update_steps: int = 1,
         factor_locations: int = 0,
+        max_factor_dim: int = 0,
         warmup_steps: int = 0,
         kl_clip: float = 0.0,
         precondition: str = "step",
@@ -116,11 +120,7 @@ class KFACPreconditioner:
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         self.factor_locations, self.warmup_steps = factor_locations, warmup_steps
         self.in_backward, self.seed = precondition == "backward", seed
-        self.layers = [
-            LayerHelper(name, m)
-            for name, m in model.named_modules()
-            if supported(m) and m.weight.requires_grad
-        ]
+        self.layers = preconditioned_layers(model, max_factor_dim)
         self.steps = 0
         self.factors: dict[str, dict[str, torch.Tensor]] = {}
         self._sums: dict[str, dict[str, Any]] = {}
@@ -206,7 +206,10 @@ class KFACPreconditioner:
             acc = self._sums.get(h.name)
             w = h.module.weight
             if acc is None:
-                chunks += [w.new_zeros(h.g_dim**2, dtype=dtype), w.new_zeros(h.a_dim**2, dtype=dtype)]
+                chunks += [
+                    w.new_zeros(h.g_dim**2, dtype=dtype),
+                    w.new_zeros(h.a_dim**2, dtype=dtype),
+                ]
                 counts += [0.0, 0.0]
                 continue
             n_r = acc["samples"]
@@ -295,7 +298,7 @@ class KFACPreconditioner:
 
     @torch.no_grad()
     def precondition_reduced(self, lr: float) -> None:
-        """"step" mode: refresh the factors / eigenbases when due, then replace each layer's
+        """ "step" mode: refresh the factors / eigenbases when due, then replace each layer's
         (reduced) gradient by nu V."""
         if self.collecting():
             self._update_factors()
@@ -315,7 +318,7 @@ class KFACPreconditioner:
 
     @torch.no_grad()
     def clip_preconditioned(self, optimizer: torch.optim.Optimizer) -> None:
-        """"backward" mode: scale every gradient ``optimizer`` holds by nu, S from the reduced V
+        """ "backward" mode: scale every gradient ``optimizer`` holds by nu, S from the reduced V
         of whole layers (their ``.grad`` when it holds them, else the ranks' local V averaged)."""
         names = [h for h in self.layers if h.name in self._local_v]
         if self.kl_clip <= 0 or not names:

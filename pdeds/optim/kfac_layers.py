@@ -43,6 +43,18 @@ def supported(module: nn.Module) -> bool:
     return False
 
 
+def preconditioned_layers(model: nn.Module, max_factor_dim: int = 0) -> list[LayerHelper]:
+    """The layers K-FAC preconditions: supported, trainable, and (``max_factor_dim`` > 0) with
+    both factors of at most that size; the others keep their plain gradient."""
+    out = []
+    for name, m in model.named_modules():
+        if supported(m) and m.weight.requires_grad:
+            h = LayerHelper(name, m)
+            if max_factor_dim == 0 or max(h.a_dim, h.g_dim) <= max_factor_dim:
+                out.append(h)
+    return out
+
+
 def _append_ones(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pdeds.multigrid import Visit, close, visit_at
 from pdeds import optim
+from pdeds.multigrid import Visit, close, visit_at
 
 
 class LevelHook:
