@@ -31,6 +31,7 @@ What runs where (checked by ``prepare_ds_config``; fp32 unless noted):
     adam/adamw/sgd     0 1 2 3       yes                 yes         standard loop
     lbfgs              0 1 2         yes (ZeRO 1/2)      no          engine_step (line search)
     kfac               0             no                  no          standard loop (hooks)
+    gauss_newton       0             no                  no          engine_step (CG + LM)
 
 L-BFGS under ZeRO 3 is refused (the parameters themselves are partitioned and gathered inside
 forward, so a trial point cannot be written back with ZeRO 1/2's copy + all-gather); K-FAC under
@@ -59,10 +60,13 @@ from pdeds.optim.first_order import (
     offload_optimizer_device,
     uses_ds_cpu_adam,
 )
+from pdeds.optim.gauss_newton import GaussNewtonConfig, build_gauss_newton
+from pdeds.optim.gauss_newton import validate as _validate_gauss_newton
 from pdeds.optim.kfac import INNER_OPTIMIZERS, KFACConfig, build_kfac
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig, build_lbfgs
 
 __all__ = [
+    "GaussNewtonConfig",
     "KFACConfig",
     "LBFGSConfig",
     "OptimConfig",
@@ -72,7 +76,7 @@ __all__ = [
     "prepare_ds_config",
 ]
 
-NAMES = (*FIRST_ORDER, "lbfgs", "kfac")
+NAMES = (*FIRST_ORDER, "lbfgs", "kfac", "gauss_newton")
 
 ZERO_STAGES: dict[str, tuple[int, ...]] = {
     "adam": (0, 1, 2, 3),
@@ -80,10 +84,11 @@ ZERO_STAGES: dict[str, tuple[int, ...]] = {
     "sgd": (0, 1, 2, 3),
     "lbfgs": (0, 1, 2),
     "kfac": (0,),
+    "gauss_newton": (0,),
 }
 """ZeRO stages each optimizer runs under (see the optimizer modules for why)."""
 
-SECOND_ORDER = ("lbfgs", "kfac")
+SECOND_ORDER = ("lbfgs", "kfac", "gauss_newton")
 
 OFFLOAD_OK = ("adam", "adamw", "sgd", "lbfgs")
 """Optimizers that run with ``zero_optimization.offload_optimizer`` / ``offload_param`` (within
@@ -95,7 +100,7 @@ class OptimConfig:
     """The experiment's ``optim:`` section."""
 
     name: str = "adam"
-    """Optimizer: adam | adamw | sgd | lbfgs | kfac."""
+    """Optimizer: adam | adamw | sgd | lbfgs | kfac | gauss_newton."""
     lr: float = 1e-3
     """Learning rate. L-BFGS: the first trial step of each line search (use 1: the quasi-Newton
     step; the very first iteration tries lr * min(1, 1/|g|_1)). K-FAC: the inner update's rate."""
@@ -111,6 +116,8 @@ class OptimConfig:
     """L-BFGS settings, used when name == "lbfgs"."""
     kfac: KFACConfig = field(default_factory=KFACConfig)
     """K-FAC settings, used when name == "kfac"."""
+    gauss_newton: GaussNewtonConfig = field(default_factory=GaussNewtonConfig)
+    """Gauss-Newton settings, used when name == "gauss_newton" (``pdeds.optim.gauss_newton``)."""
 
     def validate(self) -> None:
         """Raise PdedsError naming the first bad key and its fix."""
@@ -130,6 +137,7 @@ class OptimConfig:
             )
         _validate_lbfgs(self.lbfgs)
         _validate_kfac(self.kfac)
+        _validate_gauss_newton(self.gauss_newton)
 
 
 def _positive(key: str, value: float) -> None:
@@ -231,10 +239,10 @@ def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
                 f"set {half}.enabled false in the DeepSpeed config"
             )
     clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
-    if cfg.name == "lbfgs" and clip > 0:
+    if cfg.name in ("lbfgs", "gauss_newton") and clip > 0:
         raise PdedsError(
-            f"gradient_clipping: {clip} changes the gradient L-BFGS's line search relies on; "
-            "remove it from the DeepSpeed config for optim.name 'lbfgs'"
+            f"gradient_clipping: {clip} changes the gradient {cfg.name}'s step relies on; "
+            f"remove it from the DeepSpeed config for optim.name {cfg.name!r}"
         )
     out = copy.deepcopy(ds)
     out["zero_allow_untested_optimizer"] = True
@@ -259,6 +267,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim
         return build_first_order(model, cfg, ds)
     if cfg.name == "lbfgs":
         return build_lbfgs(model, cfg)
+    if cfg.name == "gauss_newton":
+        return build_gauss_newton(model, cfg)
     return build_kfac(model, cfg)
 
 
