@@ -32,6 +32,7 @@ What runs where (checked by ``prepare_ds_config``; fp32 unless noted):
     lbfgs              0 1 2         yes (ZeRO 1/2)      no          engine_step (line search)
     kfac               0             no                  no          standard loop (hooks)
     gauss_newton       0             no                  no          engine_step (CG + LM)
+    switch_after > 0   0             no                  no          first-order, then the above
 
 L-BFGS under ZeRO 3 is refused (the parameters themselves are partitioned and gathered inside
 forward, so a trial point cannot be written back with ZeRO 1/2's copy + all-gather); K-FAC under
@@ -64,6 +65,8 @@ from pdeds.optim.gauss_newton import GaussNewtonConfig, build_gauss_newton
 from pdeds.optim.gauss_newton import validate as _validate_gauss_newton
 from pdeds.optim.kfac import INNER_OPTIMIZERS, KFACConfig, build_kfac
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig, build_lbfgs
+from pdeds.optim.switch import build_switched, check_stage
+from pdeds.optim.switch import validate as _validate_switch
 
 __all__ = [
     "GaussNewtonConfig",
@@ -118,6 +121,13 @@ class OptimConfig:
     """K-FAC settings, used when name == "kfac"."""
     gauss_newton: GaussNewtonConfig = field(default_factory=GaussNewtonConfig)
     """Gauss-Newton settings, used when name == "gauss_newton" (``pdeds.optim.gauss_newton``)."""
+    switch_after: int = 0
+    """Steps of a first-order phase (optimizer ``first`` at ``first_lr``) before ``name`` takes
+    over (``pdeds.optim.switch``); 0 = no first phase."""
+    first: str = "adam"
+    """The first phase's optimizer: adam | adamw | sgd (with switch_after > 0)."""
+    first_lr: float = 1e-3
+    """The first phase's learning rate (``lr`` is the second phase's)."""
 
     def validate(self) -> None:
         """Raise PdedsError naming the first bad key and its fix."""
@@ -138,6 +148,7 @@ class OptimConfig:
         _validate_lbfgs(self.lbfgs)
         _validate_kfac(self.kfac)
         _validate_gauss_newton(self.gauss_newton)
+        _validate_switch(self, FIRST_ORDER)
 
 
 def _positive(key: str, value: float) -> None:
@@ -226,6 +237,7 @@ def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
             f"optim.name {cfg.name!r} does not run under ZeRO stage {stage}; "
             f"use zero_optimization.stage in ({ok}) or another optimizer"
         )
+    check_stage(cfg, stage)
     offloads = _offloads(ds)
     if offloads and cfg.name not in OFFLOAD_OK:
         raise PdedsError(
@@ -263,6 +275,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim
         ds: the DeepSpeed config as returned by ``prepare_ds_config``.
     """
     cfg.validate()
+    if cfg.switch_after:
+        return build_switched(
+            model,
+            cfg,
+            lambda c: build_first_order(model, c, ds),
+            lambda c: build_optimizer(model, c, ds),
+        )
     if cfg.name in FIRST_ORDER:
         return build_first_order(model, cfg, ds)
     if cfg.name == "lbfgs":

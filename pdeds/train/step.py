@@ -126,6 +126,7 @@ def train_step(
     weighting: str = "none",
     phases: Phases | None = None,
     on_output: Callable[[torch.Tensor], None] | None = None,
+    batch_key: Any = None,
 ) -> float:
     """One optimizer step on this rank's micro-batches of a global batch
     (``pdeds.optim.engine_step``: the standard loop, or L-BFGS's line search); returns L at the
@@ -137,8 +138,11 @@ def train_step(
         micro_batches: this rank's sample ids, one array per accumulation step.
         res, f, weighting: resolution, source term and ``train.loss_weighting``.
         phases, on_output: optional timing and output hooks (see ``make_loss_fn``).
+        batch_key: names the global batch and level (``loss.batch_key``): equal keys of
+            consecutive steps mean the same loss, so L-BFGS reuses where the last step ended.
     """
     loss = make_loss_fn(engine, data, res, f, weighting, phases, on_output)
+    loss.batch_key = batch_key  # type: ignore[attr-defined]
     return engine_step(engine, micro_batches, loss)
 
 
