@@ -93,6 +93,10 @@ def test_config_refusals():
         prepare_ds_config(OptimConfig(name="gauss_newton"), {"zero_optimization": {"stage": 1}})
     with pytest.raises(PdedsError, match="gradient_clipping"):
         prepare_ds_config(OptimConfig(name="gauss_newton"), {"gradient_clipping": 1.0})
+    from pdeds.config import resolve
+
+    with pytest.raises(PdedsError, match="model.norm: batch"):
+        resolve(TINY, ["optim.name=gauss_newton", "model.norm=batch"])
 
 
 # ---- through the trainer -----------------------------------------------------------------
