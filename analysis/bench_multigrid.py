@@ -90,15 +90,19 @@ def step_times(args: argparse.Namespace, common: list[str]) -> list[float]:
     """Median step time of each level (a short run per level), to space the evaluations."""
     out = []
     for i, n in enumerate(args.levels):
-        ov = common + SINGLE + [
-            f"problem.res={n}",
-            "train.time_limit=null",
-            "train.steps=12",
-            "train.log_every=1",
-            "train.eval_every=0",
-            f"ds.train_batch_size={args.batch[i]}",
-            f"ds.train_micro_batch_size_per_gpu={args.micro_batch[i]}",
-        ]
+        ov = (
+            common
+            + SINGLE
+            + [
+                f"problem.res={n}",
+                "train.time_limit=null",
+                "train.steps=12",
+                "train.log_every=1",
+                "train.eval_every=0",
+                f"ds.train_batch_size={args.batch[i]}",
+                f"ds.train_micro_batch_size_per_gpu={args.micro_batch[i]}",
+            ]
+        )
         run_dir = train(f"steptime_{n}", args.out, ov, args.threads)
         out.append(
             statistics.median([r["time_step_s"] for r in rows(run_dir) if "time_step_s" in r][2:])
@@ -118,7 +122,8 @@ def contenders(args: argparse.Namespace, t: list[float]) -> dict[str, list[str]]
     top = len(args.levels) - 1
     only = [0.0] * top + [1.0]
     out = {
-        "finest only": SINGLE + [
+        "finest only": SINGLE
+        + [
             "train.steps=1000000000",  # the cap ends it
             f"ds.train_batch_size={args.batch[top]}",
             f"ds.train_micro_batch_size_per_gpu={args.micro_batch[top]}",

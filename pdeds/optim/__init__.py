@@ -15,6 +15,7 @@ from __future__ import annotations
 from pdeds.optim.compat import prepare_ds_config
 from pdeds.optim.config import KFACConfig, OptimConfig
 from pdeds.optim.factory import OPTIMIZERS, build_optimizer
+from pdeds.optim.gauss_newton import GaussNewtonConfig
 from pdeds.optim.lbfgs import LBFGSConfig
 from pdeds.optim.protocol import (
     client_optimizer,
@@ -27,6 +28,7 @@ from pdeds.optim.protocol import (
 
 __all__ = [
     "OPTIMIZERS",
+    "GaussNewtonConfig",
     "KFACConfig",
     "LBFGSConfig",
     "OptimConfig",

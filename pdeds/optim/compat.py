@@ -30,6 +30,7 @@ from pdeds.errors import PdedsError
 from pdeds.optim.config import OptimConfig
 from pdeds.optim.factory import OPTIMIZERS
 from pdeds.optim.first_order import uses_ds_cpu_adam
+from pdeds.optim.switch import check_stage
 
 
 def prepare_ds_config(cfg: OptimConfig, ds: dict) -> dict:
@@ -65,6 +66,7 @@ def check_support(cfg: OptimConfig, view: dsconfig.DeepSpeedView) -> None:
             "the DeepSpeed config has an 'optimizer' block; remove it: the experiment's optim "
             "section is the single source of the optimizer"
         )
+    check_stage(cfg, view.stage)
     entry = OPTIMIZERS[cfg.name]
     stages = entry.zero_stages
     if cfg.name == "kfac" and cfg.kfac.precondition == "step":
@@ -88,6 +90,6 @@ def check_support(cfg: OptimConfig, view: dsconfig.DeepSpeedView) -> None:
         )
     if entry.exact_gradient and view.clipping_given and view.gradient_clipping > 0:
         raise PdedsError(
-            f"gradient_clipping: {view.gradient_clipping} changes the gradient L-BFGS's line "
-            f"search relies on; remove it from the DeepSpeed config for optim.name {cfg.name!r}"
+            f"gradient_clipping: {view.gradient_clipping} changes the gradient {cfg.name}'s step "
+            f"relies on; remove it from the DeepSpeed config for optim.name {cfg.name!r}"
         )

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 from pdeds.errors import PdedsError
 from pdeds.optim.factory import OPTIMIZERS
+from pdeds.optim.first_order import FIRST_ORDER
+from pdeds.optim.gauss_newton import GaussNewtonConfig
+from pdeds.optim.gauss_newton import validate as validate_gauss_newton
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig
+from pdeds.optim.switch import validate as validate_switch
 
 KFAC_INNER = ("sgd", "adam", "adamw")
 """Torch optimizers K-FAC can precondition (``optim.kfac.inner``)."""
@@ -64,7 +68,8 @@ class OptimConfig:
     """The experiment's ``optim:`` section."""
 
     name: str = "adam"
-    """Optimizer: one of ``pdeds.optim.factory.OPTIMIZERS`` (adam | adamw | sgd | lbfgs | kfac)."""
+    """Optimizer: one of ``pdeds.optim.factory.OPTIMIZERS`` (adam | adamw | sgd | lbfgs | kfac |
+    gauss_newton)."""
     lr: float = 1e-3
     """Learning rate. L-BFGS: the first trial step of each line search (use 1: the quasi-Newton
     step; the very first iteration tries lr * min(1, 1/|g|_1)). K-FAC: the inner update's rate."""
@@ -80,6 +85,15 @@ class OptimConfig:
     """L-BFGS settings, used when name == "lbfgs"."""
     kfac: KFACConfig = field(default_factory=KFACConfig)
     """K-FAC settings, used when name == "kfac"."""
+    gauss_newton: GaussNewtonConfig = field(default_factory=GaussNewtonConfig)
+    """Gauss-Newton settings, used when name == "gauss_newton" (``pdeds.optim.gauss_newton``)."""
+    switch_after: int = 0
+    """Steps of a first-order phase (optimizer ``first`` at ``first_lr``) before ``name`` takes
+    over (``pdeds.optim.switch``); 0 = no first phase."""
+    first: str = "adam"
+    """The first phase's optimizer: adam | adamw | sgd (with switch_after > 0)."""
+    first_lr: float = 1e-3
+    """The first phase's learning rate (``lr`` is the second phase's)."""
 
     def validate(self) -> None:
         """Raise PdedsError naming the first bad key and its fix."""
@@ -99,6 +113,8 @@ class OptimConfig:
             )
         validate_lbfgs(self.lbfgs)
         validate_kfac(self.kfac)
+        validate_gauss_newton(self.gauss_newton)
+        validate_switch(self, FIRST_ORDER)
 
 
 def _positive(key: str, value: float) -> None:

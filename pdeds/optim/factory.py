@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pdeds.optim import lbfgs
+from pdeds.optim import gauss_newton, lbfgs
 from pdeds.optim.first_order import build_first_order
 from pdeds.optim.kfac import build_kfac
+from pdeds.optim.switch import build_switched
 
 if TYPE_CHECKING:
     from pdeds.optim.config import OptimConfig
@@ -50,6 +51,10 @@ def _lbfgs(model: nn.Module, cfg: Any, ds: dict) -> torch.optim.Optimizer:
     return lbfgs.build_lbfgs(model, cfg)
 
 
+def _gauss_newton(model: nn.Module, cfg: Any, ds: dict) -> torch.optim.Optimizer:
+    return gauss_newton.build_gauss_newton(model, cfg)
+
+
 OPTIMIZERS: dict[str, Registration] = {
     "adam": Registration(build_first_order, (0, 1, 2, 3), offload=True, half=True),
     "adamw": Registration(build_first_order, (0, 1, 2, 3), offload=True, half=True),
@@ -58,6 +63,9 @@ OPTIMIZERS: dict[str, Registration] = {
         _lbfgs, lbfgs.ZERO_STAGES, offload=True, half=False, second_order=True, exact_gradient=True
     ),
     "kfac": Registration(build_kfac, (0, 1, 2), offload=False, half=False, second_order=True),
+    "gauss_newton": Registration(
+        _gauss_newton, (0,), offload=False, half=False, second_order=True, exact_gradient=True
+    ),
 }
 """Every optimizer ``optim.name`` may name."""
 
@@ -71,4 +79,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim
         ds: the DeepSpeed config as returned by ``prepare_ds_config``.
     """
     cfg.validate()
+    if cfg.switch_after:  # a first-order phase, then cfg.name (pdeds.optim.switch)
+        return build_switched(
+            model,
+            cfg,
+            lambda c: build_first_order(model, c, ds),
+            lambda c: OPTIMIZERS[c.name].build(model, c, ds),
+        )
     return OPTIMIZERS[cfg.name].build(model, cfg, ds)
