@@ -1,4 +1,5 @@
-"""Adam vs L-BFGS vs K-FAC: wall time and samples to a target held-out error, at two batch sizes.
+"""Adam vs L-BFGS vs K-FAC vs Gauss-Newton (and Adam-then-L-BFGS / Adam-then-Gauss-Newton):
+wall time and samples to a target held-out error, at two batch sizes.
 
     .venv/bin/python analysis/bench_optim.py --out runs/bench_optim
 
@@ -22,7 +23,7 @@ the start of each step and at every line-search trial point (``LBFGS.evaluations
 but the trainer's ``samples`` counts one batch per step. The "samples" reported here are
 therefore EVALUATED samples, batch x evaluations, counted exactly: if the metrics rows carry a
 cumulative ``evaluations`` field it is used; otherwise each run is started through a small shim
-(``--child``, in this file) that wraps ``pdeds.train.trainer.engine_step`` and appends each
+(``--child``, in this file) that wraps ``pdeds.train.step.engine_step`` and appends each
 step's ``evaluations_last_step`` (1 for optimizers without it) to ``evaluations.txt`` in the
 run directory. The trainer's own count (one batch per step) is reported beside it.
 
@@ -40,11 +41,25 @@ Tuned settings (the defaults in ``METHODS``), from short runs at res 16, width 8
   ``hold_steps`` 0 (full batch) when the batch is the whole training set, else 3 (12 iterations
   on one batch): after ~7800 evaluated samples hold 3 gave 0.064, hold 1 (4 iterations a
   batch) 0.071, both far behind Adam's 0.033 at 3200.
-- K-FAC: inner Adam lr 3e-3, damping 1e-3, kl_clip 1e-2, factor decay 0.95, factors and
-  eigenbases every 25 steps. At 3200 samples (factors every 10 steps) inner Adam gave 0.031,
-  inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. With factors every step a K-FAC step cost 15-25x
-  an Adam step (the A factor sums patch outer products over all 16^3 output locations), every
-  10 steps still ~10x; every 25 steps it is ~5x.
+- K-FAC: its defaults (``pdeds.optim.config.KFACConfig``: inner Adam, 512 sampled factor
+  locations per sample, factors every 10 steps, eigenbases every 50, layers with factors up to
+  512, 5 warm-up steps) with Adam's lr 3e-3. Before issue 13 (factors from every location)
+  a K-FAC step cost 15-25x an Adam step with factors every step, ~5x with factors and
+  eigenbases every 25 steps and inner Adam (lr 3e-3, kl_clip 1e-2): at 3200 samples inner Adam
+  gave 0.031, inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. ``analysis/bench_kfac_cost.py`` measures
+  the per-step cost of the defaults.
+
+- Gauss-Newton (``optim.name: gauss_newton``, issue 13): its defaults (lr 1, 10 CG iterations
+  on a 4-sample curvature sub-batch, Levenberg-Marquardt damping from 1 x the first Rayleigh
+  quotient); not tuned yet. A step costs its gradient, the CG products (one JVP + one VJP of
+  the sub-batch each) and a trial forward of the batch.
+- Adam-then-L-BFGS / Adam-then-Gauss-Newton (``optim.switch_after``): Adam at 3e-3 for
+  ``--switch-fraction`` of the evaluated-sample budget, then the second-order method (L-BFGS with
+  a new batch every step, ``hold_steps`` 1).
+
+Since issue 13 L-BFGS does not evaluate a held batch's start again (it is the previous step's
+end), so with ``hold_steps`` != 1 a step after the first costs about ``LBFGS_EVALS_PER_ITERATION
+x max_iter`` evaluations and the budget estimate below (1 + that) is one evaluation high.
 
 All runs use a constant learning rate and the plain mean energy loss (``PINNED``, whatever
 quickstart.yaml says; e.g. ``--set train.loss_weighting=lifting`` changes that for every run,
@@ -52,9 +67,10 @@ but the tuned settings were not checked with it).
 
 Each run is a ``pdeds train`` subprocess (one process, ``--threads`` threads, 1 by default as
 the machine is shared) on launch/configs/quickstart.yaml with ``--set`` overrides, under ZeRO 0
-(K-FAC's only stage). Runs whose summary.json exists are reused (delete the run directory to
-redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the 1-minute load
-average to fall below ``--max-load`` and records the load seen before and after the run.
+(K-FAC also runs under ZeRO 1 and 2). Runs whose summary.json exists are reused (delete the run
+directory to redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the
+1-minute load average to fall below ``--max-load`` and records the load seen before and after
+the run.
 """
 
 from __future__ import annotations
@@ -78,19 +94,47 @@ METHODS: dict[str, list[str]] = {
         "optim.lbfgs.history_size=20",
         "optim.lbfgs.max_iter=4",
     ],
-    "kfac": [
-        "optim.name=kfac",
-        "optim.lr=3e-3",
-        "optim.kfac.inner=adam",
-        "optim.kfac.damping=1e-3",
-        "optim.kfac.kl_clip=1e-2",
-        "optim.kfac.factor_update_steps=25",
-        "optim.kfac.inv_update_steps=25",
+    "kfac": ["optim.name=kfac", "optim.lr=3e-3"],
+    "gauss_newton": ["optim.name=gauss_newton", "optim.lr=1.0"],
+    "adam_lbfgs": [
+        "optim.name=lbfgs",
+        "optim.lr=1.0",
+        "optim.lbfgs.history_size=20",
+        "optim.lbfgs.max_iter=4",
+        "optim.lbfgs.hold_steps=1",
+        "optim.first=adam",
+        "optim.first_lr=3e-3",
+    ],
+    "adam_gauss_newton": [
+        "optim.name=gauss_newton",
+        "optim.lr=1.0",
+        "optim.first=adam",
+        "optim.first_lr=3e-3",
     ],
 }
-"""Tuned ``--set`` overrides of each optimizer (see the module docstring)."""
+"""Tuned ``--set`` overrides of each optimizer (see the module docstring); Gauss-Newton and the
+switch variants (Adam at its tuned lr, then the second-order method, ``optim.switch_after`` set
+by ``--switch-fraction``) run with their defaults, not tuned yet."""
 
-PINNED = ["train.lr_schedule=constant", "train.loss_weighting=none", "train.seed=0", "data.seed=0"]
+SWITCHED = {"adam_lbfgs": "lbfgs", "adam_gauss_newton": "gauss_newton"}
+"""Switch variants and their second-order method."""
+
+GN_EVALS_PER_STEP = 2.0
+"""Global-batch evaluations a Gauss-Newton step reports: its gradient and (mostly) one trial
+forward. Its CG products on the curvature sub-batch are not evaluations of the batch; their cost
+shows in the wall time only."""
+
+PINNED = [
+    "train.lr_schedule=constant",
+    "train.loss_weighting=none",
+    "train.seed=0",
+    "data.seed=0",
+    "train.time_limit=null",  # the step budget decides here, not the quickstart's clock
+    "schedule.cycle=single",  # one level: the quickstart's half-V replaced
+    "schedule.levels=1",
+    "schedule.resolutions=null",
+    "schedule.level=[]",
+]
 """Training settings fixed here rather than taken from quickstart.yaml (which may change): the
 settings the optimizers were tuned with. A constant rate for all: L-BFGS's lr is its first trial
 step, which a decaying schedule would shrink to 0. ``--set`` overrides them."""
@@ -109,11 +153,12 @@ SHIM = "evaluations.txt"
 def child(argv: list[str]) -> int:
     """Run ``pdeds <argv[1:]>`` recording each step's evaluations in the file ``argv[0]``.
 
-    Wraps ``pdeds.train.trainer.engine_step``: after each optimizer step it appends the client
+    Wraps ``pdeds.train.step.engine_step`` (what the trainer's step calls): after each
+    optimizer step it appends the client
     optimizer's ``evaluations_last_step`` (1 when it has none: one forward+backward of the
     batch) as one line. The write is inside the trainer's timed region (microseconds a step).
     """
-    import pdeds.train.trainer as trainer
+    import pdeds.train.step as trainer
     from pdeds.cli import main as pdeds_main
     from pdeds.optim import client_optimizer
 
@@ -191,7 +236,10 @@ def first_reach(rows: list[dict], target: float) -> dict | None:
 
 
 def evals_per_step(method: str, overrides: list[str]) -> float:
-    """Expected global-batch evaluations per optimizer step (1 but for L-BFGS)."""
+    """Expected global-batch evaluations per optimizer step (1 but for L-BFGS, Gauss-Newton)."""
+    method = SWITCHED.get(method, method)
+    if method == "gauss_newton":
+        return GN_EVALS_PER_STEP
     if method != "lbfgs":
         return 1.0
     max_iter = 1
@@ -204,9 +252,14 @@ def evals_per_step(method: str, overrides: list[str]) -> float:
 def overrides_for(method: str, batch: int, args: argparse.Namespace) -> tuple[list[str], int]:
     """The ``--set`` overrides and step count of one (method, batch) run."""
     extra = [o.split(":", 1)[1] for o in args.method_set if o.split(":", 1)[0] == method]
-    steps = max(
-        1, round(args.budget_samples / (batch * evals_per_step(method, METHODS[method] + extra)))
-    )
+    per_step = evals_per_step(method, METHODS[method] + extra)
+    if method in SWITCHED:
+        first = max(1, round(args.switch_fraction * args.budget_samples / batch))
+        rest = (1.0 - args.switch_fraction) * args.budget_samples / (batch * per_step)
+        steps = first + max(1, round(rest))
+        extra = [f"optim.switch_after={first}", *extra]
+    else:
+        steps = max(1, round(args.budget_samples / (batch * per_step)))
     eval_every = max(1, steps // args.evals)
     ov = [
         f"problem.res={args.res}",
@@ -375,7 +428,14 @@ def plot(runs: dict, target: float, path: Path, args: argparse.Namespace) -> Non
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = {"adam": "C0", "lbfgs": "C1", "kfac": "C2"}
+    colors = {
+        "adam": "C0",
+        "lbfgs": "C1",
+        "kfac": "C2",
+        "gauss_newton": "C3",
+        "adam_lbfgs": "C4",
+        "adam_gauss_newton": "C5",
+    }
     styles = ["o-", "s--", "^:"]
     for (method, batch), info in runs.items():
         rows = info["curve"]
@@ -419,6 +479,12 @@ def parse_args() -> argparse.Namespace:
         help="evaluated samples a run (steps = this / (batch x evaluations per step))",
     )
     ap.add_argument("--evals", type=int, default=25, help="held-out evaluations a run")
+    ap.add_argument(
+        "--switch-fraction",
+        type=float,
+        default=0.5,
+        help="share of the evaluated-sample budget the switch variants spend in Adam",
+    )
     ap.add_argument("--target", type=float, default=None, help="held-out mean rel-L2 target")
     ap.add_argument(
         "--drift-target",

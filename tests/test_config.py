@@ -63,7 +63,7 @@ def test_unknown_key_lists_valid_ones():
         (["optim.name=rmsprop"], "optim.name"),
         (["novalue"], "KEY=VALUE"),
         (["optim.name=lbfgs", "train.lr_schedule=cosine"], "L-BFGS picks its step"),
-        (["optim.name=kfac", "ds.zero_optimization.stage=2"], "does not run under ZeRO stage 2"),
+        (["optim.name=kfac", "ds.zero_optimization.stage=3"], "does not run under ZeRO stage 3"),
         (["train.time_limit=4x"], "train.time_limit: '4x' is not a duration; give seconds"),
         (["train.time_limit=-5"], "train.time_limit: -5.0 is not a duration"),
         (["data.train_samples=-1"], "data.train_samples: must be >= 0"),

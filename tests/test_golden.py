@@ -43,6 +43,16 @@ TINY2 = {
 }
 
 ADAM = ["optim.name=adam", "optim.lr=3e-3"]
+KFAC_BEFORE_13 = [
+    "optim.kfac.inner=sgd",
+    "optim.kfac.precondition=step",
+    "optim.kfac.factor_update_steps=1",
+    "optim.kfac.factor_locations=0",
+    "optim.kfac.warmup_steps=0",
+    "optim.kfac.max_factor_dim=0",
+]
+"""The K-FAC the curve was written with (issue 13 changed the defaults): the reduced gradient
+preconditioned in step() with this step's factors from every location, inner SGD, no warm-up."""
 CASES: dict[str, tuple[dict, list[str], float]] = {
     "3d_sgd": (TINY3, [], 1e-6),
     "3d_adam": (TINY3, ADAM, 1e-4),
@@ -66,7 +76,7 @@ CASES: dict[str, tuple[dict, list[str], float]] = {
     ),
     "3d_kfac": (
         TINY3,
-        ["optim.name=kfac", "optim.lr=2e-3", "optim.kfac.inv_update_steps=2"],
+        ["optim.name=kfac", "optim.lr=2e-3", "optim.kfac.inv_update_steps=2", *KFAC_BEFORE_13],
         1e-4,
     ),
 }

@@ -1,4 +1,5 @@
-"""K-FAC: factors against explicitly unfolded patches, the damped Kronecker inverse, ranks."""
+"""K-FAC: factors against explicitly unfolded patches (all and sampled locations), the damped
+Kronecker inverse, the backward-hook preconditioning against the explicit one, ranks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pdeds import distributed
-from pdeds.optim.kfac import KFAC, assign_inversions
+from pdeds.optim.kfac import KFACPreconditioner, assign_inversions
 from pdeds.optim.kfac_layers import LayerHelper
 from pdeds.testing.distributed import run_ranks
 
@@ -43,20 +44,22 @@ def _transpose_patch(x: torch.Tensor, m: nn.ConvTranspose3d, t: tuple[int, ...])
     return torch.stack(cols, dim=-1).reshape(x.shape[0], -1)
 
 
-def _explicit_factors(layer: nn.Module, x: torch.Tensor, c: torch.Tensor):
-    """A and G of the loss mean_n J_n, J_n = 1/2 sum c y_n^2 (so Ds_n = c y_n), by loops."""
+def _explicit_factors(layer: nn.Module, x: torch.Tensor, c: torch.Tensor, where=None):
+    """A and G of the loss mean_n J_n, J_n = 1/2 sum c y_n^2 (so Ds_n = c y_n), by loops over
+    the flat output locations ``where`` (all if None; A's sum scaled by T / L)."""
     y = layer(x).detach()
     ds = c * y
     n, spatial = x.shape[0], y.shape[2:]
     patch = _transpose_patch if isinstance(layer, nn.ConvTranspose3d) else _conv_patch
+    grid = list(itertools.product(*(range(s) for s in spatial)))
+    picked = grid if where is None else [grid[i] for i in where]
     a_sum, g_sum = 0.0, 0.0
-    for t in itertools.product(*(range(s) for s in spatial)):
+    for t in picked:
         a = torch.cat([patch(x, layer, t), torch.ones(n, 1, dtype=x.dtype)], dim=1)
         g = ds[(slice(None), slice(None)) + t]
         a_sum = a_sum + a.T @ a
         g_sum = g_sum + g.T @ g
-    locations = int(np.prod(spatial))
-    return a_sum / n, g_sum / (n * locations)
+    return a_sum * len(grid) / (len(picked) * n), g_sum / (n * len(picked))
 
 
 LAYERS = {
@@ -75,14 +78,20 @@ def test_factors_equal_explicit_patch_expectations(kind):
     layer = LAYERS[kind]().to(F64)
     x = torch.randn(3, 2, 4, 3, 5, dtype=F64)
     c = torch.rand_like(layer(x)[:1]) + 0.5
-    opt = KFAC(layer, lr=0.1, damping=1e-3, kl_clip=0.0)
-    loss = (0.5 * c * layer(x) ** 2).flatten(1).sum(1).mean()
-    loss.backward()
-    opt.precondition()
-    a_ref, g_ref = _explicit_factors(layer, x, c)
-    st = opt.state[layer.weight]
-    torch.testing.assert_close(st["A"], a_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(st["G"], g_ref, rtol=1e-12, atol=1e-12)
+    for locations in (0, 7):
+        pre = KFACPreconditioner(layer, damping=1e-3, factor_locations=locations, seed=3)
+        loss = (0.5 * c * layer(x) ** 2).flatten(1).sum(1).mean()
+        loss.backward()
+        where = pre._locations(0, layer(x))
+        assert (where is None) == (locations == 0)
+        pre.precondition_reduced(lr=0.1)
+        pre.remove_hooks()
+        layer.zero_grad()
+        where = None if where is None else where.tolist()
+        a_ref, g_ref = _explicit_factors(layer, x, c, where)
+        st = pre.factors[""]
+        torch.testing.assert_close(st["A"], a_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(st["G"], g_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["conv3d", "conv_transpose3d"])
@@ -91,12 +100,12 @@ def test_preconditioned_gradient_is_the_damped_kronecker_inverse(kind):
     layer = LAYERS[kind]().to(F64)
     x = torch.randn(2, 2, 4, 4, 2, dtype=F64)
     gamma = 0.05
-    opt = KFAC(layer, lr=0.1, damping=gamma, kl_clip=0.0)
+    pre = KFACPreconditioner(layer, damping=gamma)
     (layer(x) ** 3).mean().backward()
     helper = LayerHelper("layer", layer)
     grad = helper.grad_matrix().clone()
-    opt.precondition()
-    st = opt.state[layer.weight]
+    pre.precondition_reduced(lr=0.1)
+    st = pre.factors[""]
     fisher = torch.kron(st["G"], st["A"]) + gamma * torch.eye(grad.numel(), dtype=F64)
     expected = torch.linalg.solve(fisher, grad.reshape(-1)).reshape(grad.shape)
     torch.testing.assert_close(helper.grad_matrix(), expected, rtol=1e-9, atol=1e-12)
@@ -108,14 +117,44 @@ def test_checkpointed_recomputation_is_not_counted_twice():
     x = torch.randn(2, 1, 3, 3, 3, dtype=F64)
     factors = []
     for recompute in (False, True):
-        opt = KFAC(layer, kl_clip=0.0)
+        pre = KFACPreconditioner(layer)
         y = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         (y**2).mean().backward()
-        opt.precondition()
-        factors.append((opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]))
-        opt.remove_hooks()
+        pre.precondition_reduced(lr=0.1)
+        factors.append((pre.factors[""]["A"], pre.factors[""]["G"]))
+        pre.remove_hooks()
         layer.zero_grad()
     torch.testing.assert_close(factors[0], factors[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_backward_hook_preconditions_each_micro_batch_like_the_explicit_inverse(recompute):
+    """With fixed factors, the gradients accumulated from hook-preconditioned micro-batches are
+    P of the plain accumulated gradient (P linear), also through a checkpointed layer."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.Tanh(), nn.ConvTranspose3d(3, 2, 2, 2))
+    net = net.to(F64)
+    xs = torch.randn(2, 2, 1, 3, 3, 3, dtype=F64).unbind(0)
+
+    def accumulate() -> list[torch.Tensor]:
+        net.zero_grad()
+        for x in xs:
+            y = checkpoint(net, x, use_reentrant=False) if recompute else net(x)
+            (y**3).mean().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    pre = KFACPreconditioner(net, damping=0.1, precondition="backward", warmup_steps=1)
+    accumulate()
+    pre._after_step(None, (), {})  # factors and eigenbases from that step
+    preconditioned = accumulate()
+    pre.remove_hooks()
+    plain = accumulate()
+    for p, g in zip(net.parameters(), plain, strict=True):
+        p.grad = g
+    for h in pre.layers:
+        h.set_grad_matrix(pre._apply(h, h.grad_matrix()))
+    for got, p in zip(preconditioned, net.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_inversions_are_assigned_greedily_by_cost():
@@ -138,14 +177,23 @@ def _net() -> nn.Module:
     ).to(F64)  # fmt: skip
 
 
-def _kfac_steps(steps: int = 2) -> list[list[float]]:
+def _kfac_steps(steps: int = 2, where: str = "step") -> list[list[float]]:
     """This rank's share of a fixed batch, micro-batched; gradients averaged like DeepSpeed's."""
     world, rank = distributed.world_size(), distributed.rank()
     model = _net()
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(BATCH, 1, 4, 4, 4, generator=gen, dtype=F64)
     target = torch.sin(2 * x)
-    opt = KFAC(model, lr=0.1, momentum=0.5, damping=1e-2, factor_decay=0.5, inv_update_steps=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    KFACPreconditioner(
+        model,
+        damping=1e-2,
+        factor_decay=0.5,
+        precondition=where,
+        warmup_steps=int(where == "backward"),
+        factor_locations=5,
+        kl_clip=1e-3,
+    ).attach(opt)
     per = BATCH // world
     mine = slice(rank * per, (rank + 1) * per)
     micro = [
@@ -164,9 +212,59 @@ def _kfac_steps(steps: int = 2) -> list[list[float]]:
     return out
 
 
-def test_preconditioned_gradients_on_two_ranks_equal_one_rank():
-    one = _kfac_steps()
-    two = run_ranks(_kfac_steps, 2, timeout=60)
+@pytest.mark.parametrize("where", ["step", "backward"])
+def test_preconditioned_gradients_on_two_ranks_equal_one_rank(where):
+    one = _kfac_steps(3, where)
+    two = run_ranks(_kfac_steps, 2, 3, where, timeout=180)
     assert two[0] == two[1]  # bitwise: every rank holds the same shared eigenbases
     for step_one, step_two in zip(one, two[0], strict=True):
         np.testing.assert_allclose(step_two, step_one, rtol=1e-9, atol=1e-13)
+
+
+# ---- through the trainer: ZeRO 0, 1, 2 on 2 ranks vs 1 -------------------------------------
+
+KFAC_TRAIN = [
+    "optim.name=kfac",
+    "optim.lr=3e-3",
+    "optim.kfac.warmup_steps=1",
+    "optim.kfac.factor_update_steps=1",
+    "optim.kfac.inv_update_steps=2",
+    "optim.kfac.factor_locations=64",
+    "optim.kfac.kl_clip=1e-6",
+    "train.steps=4",
+]
+"""Preconditioned from step 2, an eigen refresh at step 3, sampled locations, a binding KL-clip."""
+
+
+def test_two_ranks_equal_one_rank_under_zero_0_1_2(tmp_path):
+    """Hook preconditioning of each rank's local gradient before DeepSpeed reduces (ZeRO 0) or
+    partitions (ZeRO 1/2) it reproduces the 1-rank run (METHOD.md sec. 6)."""
+    from trainer_util import train_cases
+
+    one = run_ranks(train_cases, 1, str(tmp_path / "one"), [("ref", KFAC_TRAIN)], timeout=240)
+    ref = one[0]["ref"]
+    cases = [
+        (f"zero{s}", KFAC_TRAIN + [f"deepspeed.config=ds_configs/zero{s}.json"]) for s in (0, 1, 2)
+    ]
+    two = run_ranks(train_cases, 2, str(tmp_path / "two"), cases, timeout=400)[0]
+    assert ref["losses"][4] < ref["losses"][1]
+    for name, _ in cases:
+        got = two[name]
+        assert got["losses"].keys() == ref["losses"].keys(), name
+        for step, loss in ref["losses"].items():
+            assert got["losses"][step] == pytest.approx(loss, rel=1e-5), (name, step)
+        for key, w in ref["weights"].items():
+            torch.testing.assert_close(got["weights"][key], w, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_defaults_lower_the_loss_from_the_first_steps(tmp_path):
+    """optim.name: kfac and nothing else (before issue 13, 5 steps raised the quickstart loss
+    from 1.000 to 1.344): every step's loss is below the first, also once preconditioning
+    starts after the warm-up (step 6), and the last is the lowest."""
+    from trainer_util import train_cases
+
+    cases = [("defaults", ["optim.name=kfac", "train.steps=10"])]
+    losses = run_ranks(train_cases, 1, str(tmp_path), cases, timeout=240)[0]["defaults"]["losses"]
+    first = losses[1]
+    assert all(loss < first for step, loss in losses.items() if step > 1), losses
+    assert losses[10] == min(losses.values()), losses

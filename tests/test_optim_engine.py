@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,10 +21,16 @@ CASES = [
     (OptimConfig(name="lbfgs", lr=1.0, lbfgs=LBFGSConfig(history_size=5)), 2, 2),
     (OptimConfig(name="lbfgs", lr=1.0, lbfgs=LBFGSConfig(history_size=5)), 0, 1),
     (
-        OptimConfig(name="kfac", lr=1e-1, momentum=0.0, kfac=KFACConfig(inv_update_steps=2)),
+        OptimConfig(
+            name="kfac",
+            lr=1e-1,
+            momentum=0.0,
+            kfac=KFACConfig(inner="sgd", precondition="step", inv_update_steps=2),
+        ),
         0,
         2,
     ),
+    (OptimConfig(name="kfac", lr=1e-2, kfac=KFACConfig(warmup_steps=1, inv_update_steps=2)), 2, 2),
 ]
 
 
@@ -116,10 +124,13 @@ def _resume(root: str, cases: list[tuple[OptimConfig, int]]) -> dict[str, tuple[
 
 
 def test_checkpoint_resume_continues_bitwise(tmp_path):
-    """Curvature history (L-BFGS under ZeRO 2) and factors + step count (K-FAC) are saved."""
+    """Curvature history (L-BFGS under ZeRO 2) and factors + step count (K-FAC under ZeRO 0
+    and 2) are saved."""
+    kfac = KFACConfig(warmup_steps=1, factor_update_steps=1, inv_update_steps=3)
     cases = [
         (OptimConfig(name="lbfgs", lr=1.0), 2),
-        (OptimConfig(name="kfac", lr=0.1, kfac=KFACConfig(inv_update_steps=3)), 0),
+        (OptimConfig(name="kfac", lr=0.1, kfac=dataclasses.replace(kfac, inner="sgd")), 0),
+        (OptimConfig(name="kfac", lr=0.01, kfac=kfac), 2),
     ]
     for straight, resumed in run_ranks(_resume, 2, str(tmp_path), cases, timeout=120)[0].values():
         assert resumed == straight
@@ -147,7 +158,12 @@ def test_prepare_ds_config_patches_a_copy():
     [
         (OptimConfig(), _ds(optimizer={"type": "Adam"}), "'optimizer' block"),
         (OptimConfig(name="lbfgs"), _ds(3), "does not run under ZeRO stage 3"),
-        (OptimConfig(name="kfac"), _ds(1), r"does not run under ZeRO stage 1; use .*\(0\)"),
+        (OptimConfig(name="kfac"), _ds(3), r"does not run under ZeRO stage 3; use .*\(0, 1, 2\)"),
+        (
+            OptimConfig(name="kfac", kfac=KFACConfig(precondition="step")),
+            _ds(1),
+            r"does not run under ZeRO stage 1; use .*\(0\)",
+        ),
         (OptimConfig(name="lbfgs"), _ds(2, fp16={"enabled": True}), "fp16.enabled false"),
         (OptimConfig(name="lbfgs"), _ds(0, gradient_clipping=1.0), "gradient_clipping"),
         (OptimConfig(name="kfac"), _ds(0, bf16={"enabled": True}), "bf16.enabled false"),

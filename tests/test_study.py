@@ -145,8 +145,8 @@ def test_offload_and_cycle_axes(tmp_path):
     bad = write_study(tmp_path, "b", axes={"zero": [2], "offload": ["param"]})
     with pytest.raises(PdedsError, match=r"study run z2_offparam: parameter offload needs ZeRO"):
         expanded(bad)
-    kfac = write_study(tmp_path, "k", axes={"zero": [2], "optimizer": ["kfac"]})
-    with pytest.raises(PdedsError, match=r"study run z2_kfac: optim.name 'kfac'.*ZeRO stage 2"):
+    kfac = write_study(tmp_path, "k", axes={"zero": [3], "optimizer": ["kfac"]})
+    with pytest.raises(PdedsError, match=r"study run z3_kfac: optim.name 'kfac'.*ZeRO stage 3"):
         expanded(kfac)
 
 

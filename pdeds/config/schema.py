@@ -239,6 +239,12 @@ class ExperimentConfig:
                 "optim.lr is its first trial step; a schedule would shrink it towards 0. Set "
                 "train.lr_schedule: constant and train.warmup_steps: 0 for optim.name: lbfgs"
             )
+        if self.optim.name == "gauss_newton" and self.model.norm in ("batch", "sync_batch"):
+            raise PdedsError(
+                f"model.norm: {self.model.norm} couples the samples of a micro-batch, so "
+                "Gauss-Newton's per-sample curvature would not be the loss's; use model.norm "
+                "group, instance or none with optim.name: gauss_newton"
+            )
         if self.data.train_samples == 0:
             for i, lv in enumerate(self.schedule.level):
                 if lv.epochs is not None:

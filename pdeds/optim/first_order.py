@@ -9,22 +9,15 @@ on the CPU accelerator DeepSpeedCPUAdam would JIT-build a C++ op (~50 s) for no 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from pdeds.optim import OptimConfig
+from pdeds import dsconfig
 
 FIRST_ORDER = ("adam", "adamw", "sgd")
-
-
-def offload_optimizer_device(ds: dict) -> str:
-    """``zero_optimization.offload_optimizer.device`` of a DeepSpeed config ("none" if unset)."""
-    zero = ds.get("zero_optimization") or {}
-    offload = zero.get("offload_optimizer") or {}
-    return str(offload.get("device", "none") or "none")
 
 
 def accelerator_name() -> str:
@@ -34,33 +27,42 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def uses_ds_cpu_adam(name: str, ds: dict) -> bool:
+def uses_ds_cpu_adam(name: str, view: dsconfig.DeepSpeedView) -> bool:
     """True when ``build_optimizer`` returns DeepSpeedCPUAdam (Adam/AdamW, CPU offload, CUDA)."""
     return (
         name in ("adam", "adamw")
-        and offload_optimizer_device(ds) == "cpu"
+        and view.offload_optimizer == "cpu"
         and accelerator_name() != "cpu"
     )
 
 
-def build_first_order(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.optim.Optimizer:
+def build_first_order(model: nn.Module, cfg: Any, ds: dict) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD over the model's trainable parameters.
 
     Args:
         model: the network; only parameters with ``requires_grad`` are optimised.
-        cfg: the validated optimizer config (``name`` in FIRST_ORDER).
+        cfg: the validated ``OptimConfig`` (``name`` in FIRST_ORDER).
         ds: the DeepSpeed config that will be passed to ``deepspeed.initialize``.
 
     Returns:
         The client optimizer for ``deepspeed.initialize(optimizer=...)``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.name == "sgd":
+    return first_order(cfg.name, params, cfg, uses_ds_cpu_adam(cfg.name, dsconfig.read(ds)))
+
+
+def first_order(
+    name: str, params: Iterable[torch.Tensor], cfg: Any, cpu_adam: bool = False
+) -> torch.optim.Optimizer:
+    """Torch's Adam / AdamW / SGD (``name``) over ``params`` with the hyperparameters of ``cfg``
+    (an ``OptimConfig``); DeepSpeedCPUAdam for Adam/AdamW when ``cpu_adam``."""
+    params = list(params)
+    if name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if uses_ds_cpu_adam(cfg.name, ds):
+    if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(
@@ -69,7 +71,7 @@ def build_first_order(model: nn.Module, cfg: OptimConfig, ds: dict) -> torch.opt
             betas=betas,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            adamw_mode=cfg.name == "adamw",
+            adamw_mode=name == "adamw",
         )
-    kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return kind(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -1,4 +1,4 @@
-"""K-FAC: Kronecker-factored natural-gradient optimizer for Linear and (transposed) convolutions.
+"""K-FAC: a Kronecker-factored preconditioner in front of a torch optimizer (SGD, Adam, AdamW).
 
 For every supported layer (``kfac_layers``) the Fisher block of W_mat = [W | b] is approximated
 by A (x) G (KFC scaling for convolutions, Grosse & Martens 2016),
@@ -6,105 +6,78 @@ by A (x) G (KFC scaling for convolutions, Grosse & Martens 2016),
     A = 1/N sum_{n,t} a_{n,t} a_{n,t}^T,        G = 1/(N T) sum_{n,t} Ds_{n,t} Ds_{n,t}^T,
 
 over the N samples of the global batch and their T output locations; Ds is the gradient of the
-per-sample loss J_n at the layer output (the empirical Fisher, as kfac-pytorch). Running
-averages A <- xi A + (1 - xi) A_batch (same for G) are refreshed every ``factor_update_steps``;
-eigendecompositions A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T every ``inv_update_steps``.
-The preconditioned gradient of the layer is the exact damped Kronecker inverse
+per-sample loss J_n at the layer output (the empirical Fisher, as kfac-pytorch). Cheap factors:
+the sums over t run over L = ``factor_locations`` locations drawn from (seed, step, layer, T),
+the same on every rank and for every sample (A's sum is scaled by T / L), and only every
+``factor_update_steps`` steps; running averages A <- xi A + (1 - xi) A_batch (same for G);
+eigendecompositions A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T every ``inv_update_steps``,
+spread over the ranks (``kfac_distributed``). The preconditioned gradient of a layer is the
+damped Kronecker inverse
 
-    V = (G (x) A + gamma I)^-1 dW_mat = Q_G [ (Q_G^T dW_mat Q_A) / (l_G l_A^T + gamma) ] Q_A^T,
+    V = P dW_mat = (G (x) A + gamma I)^-1 dW_mat
+      = Q_G [(Q_G^T dW_mat Q_A) / (l_G l_A^T + gamma)] Q_A^T,
 
-scaled by the KL-clip nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <V, dW_mat>))), and handed
-to the inner update (SGD with momentum, or Adam); parameters of other layers (norms) get the
-inner update with their plain gradient.
+and the whole step is scaled by the KL-clip nu = min(1, sqrt(kl_clip / (lr^2 S))),
+S = sum_layers <V, dW_mat> = sum_layers <V, P^-1 V>. The inner torch optimizer then steps on
+the gradients as they are (norm layers keep their plain gradient).
+
+Where it preconditions (``precondition``):
+
+- "backward" (default, ZeRO 0-2). With the factors fixed during a step, P is linear, so it can
+  act on each rank's local gradient of each micro-batch: a hook on the autograd node of every
+  layer replaces its weight / bias gradients by P of them before their AccumulateGrad nodes run,
+  that is before DeepSpeed's post-accumulate gradient hooks reduce (ZeRO 0) or reduce-scatter
+  into partitions (ZeRO 1/2) them. DeepSpeed's averaging then yields P of the averaged gradient,
+  as on 1 rank. The factors of step s are those collected up to step s - 1 (the sums of step s
+  are reduced after its update), and the first ``warmup_steps`` steps are the inner optimizer
+  alone while the factors warm up. S needs the reduced V of whole layers: under ZeRO 0 it is the
+  layers' ``.grad`` in ``step()``; under ZeRO 1/2 the ranks' local V are averaged in one
+  all-reduce (one parameter-sized buffer), and nu scales every gradient the inner optimizer holds.
+- "step" (ZeRO 0): in ``step()``, on the reduced gradient, with factors that include this step's
+  statistics; nu scales the K-FAC layers only. This is the K-FAC of before issue 13.
 
 Per-sample scaling. The loss a rank differentiates is the mean over its N_r samples of the
 step (DeepSpeed divides each micro-batch mean by the accumulation steps), so a hook sees
 Ds / N_r and the G sum is rescaled by N_r^2 before it is reduced.
-
-Distributed (see ``_update_factors`` / ``_update_eigen``): the factor sums and counts of all
-layers cross the wire in ONE all-reduce; the eigendecompositions are assigned to ranks greedily
-by cost (largest n^3 first, to the least-loaded rank) and shared by one all-reduce of a buffer in
-which every rank fills only its own results (adding zeros is exact), so every rank holds
-bitwise-identical eigenbases and the preconditioned gradient equals the 1-rank one up to the
-round-off of the reduced sums.
-
-DeepSpeed. K-FAC is a client optimizer that runs in the standard loop (its hooks collect
-statistics during ``engine(...)`` / ``engine.backward``). It needs each layer's whole gradient
-matrix in ``step()``, so it runs under ZeRO 0 only: under ZeRO 1/2 the client optimizer sees a
-flat fp32 slice of the reduced gradient that cuts across layers, and the KL-clip needs
-<V, dW> over the whole averaged gradient. ``prepare_ds_config`` refuses ZeRO >= 1, offload and
-fp16/bf16 (whose wrappers hand the client fp32 master copies the hooks do not see).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from pdeds import distributed
 from pdeds.errors import PdedsError
-from pdeds.optim.kfac_layers import LayerHelper, supported
+from pdeds.optim import kfac_distributed as comm
+from pdeds.optim.first_order import first_order
+from pdeds.optim.kfac_layers import LayerHelper, preconditioned_layers
 
-INNER_OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass
-class KFACConfig:
-    """The ``optim.kfac`` section (``optim.lr``, ``momentum``, ``betas``, ``eps`` and
-    ``weight_decay`` configure the inner update)."""
-
-    damping: float = 1e-3
-    """Tikhonov damping gamma: the step is (A (x) G + gamma I)^-1 applied to the gradient."""
-    factor_decay: float = 0.95
-    """Running-average weight xi: A <- xi A + (1 - xi) A_batch (the same for G)."""
-    factor_update_steps: int = 1
-    """Recompute A, G (forward/backward hooks run) every this many optimizer steps."""
-    inv_update_steps: int = 10
-    """Recompute the eigendecompositions of A, G every this many optimizer steps."""
-    kl_clip: float = 1e-3
-    """KL-clip: scale preconditioned gradients by min(1, sqrt(kl_clip / (lr^2 sum <V, g>)));
-    0 disables it."""
-    inner: str = "sgd"
-    """Update applied to the preconditioned gradient: "sgd" (heavy ball, optim.momentum) or
-    "adam" (optim.betas, optim.eps)."""
+assign_inversions = comm.assign_inversions
 
 
-def build_kfac(model: nn.Module, cfg: Any) -> KFAC:
-    """The K-FAC client optimizer for ``cfg`` (an ``OptimConfig`` with name "kfac")."""
-    c: KFACConfig = cfg.kfac
-    return KFAC(
+def build_kfac(model: nn.Module, cfg: Any, ds: dict | None = None) -> torch.optim.Optimizer:
+    """The inner torch optimizer ``cfg.kfac.inner`` over the model's parameters with a
+    ``KFACPreconditioner`` attached (``opt.kfac``); ``cfg`` is an ``OptimConfig``."""
+    c = cfg.kfac
+    opt = first_order(c.inner, [p for p in model.parameters() if p.requires_grad], cfg)
+    pre = KFACPreconditioner(
         model,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
-        eps=cfg.eps,
         damping=c.damping,
         factor_decay=c.factor_decay,
         factor_update_steps=c.factor_update_steps,
         inv_update_steps=c.inv_update_steps,
+        factor_locations=c.factor_locations,
+        max_factor_dim=c.max_factor_dim,
+        warmup_steps=c.warmup_steps,
         kl_clip=c.kl_clip,
-        inner=c.inner,
+        precondition=c.precondition,
+        seed=c.seed,
     )
-
-
-def assign_inversions(sizes: list[int], world: int) -> list[int]:
-    """Owner rank of each eigendecomposition: largest cost n^3 first, to the least-loaded rank.
-
-    Deterministic (ties broken by index, then by rank), so every rank computes the same plan.
-    """
-    load = [0.0] * world
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += float(sizes[i]) ** 3
-    return owner
+    pre.attach(opt)
+    return opt
 
 
 def _in_backward() -> bool:
@@ -113,131 +86,122 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-class KFAC(torch.optim.Optimizer):
-    """K-FAC preconditioning + SGD-momentum or Adam, as a torch optimizer.
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factors accumulate in at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class KFACPreconditioner:
+    """K-FAC factors and preconditioning for the supported layers of ``model``.
 
     Args:
-        model: the network; hooks are registered on its supported layers.
-        lr, momentum, weight_decay, betas, eps: the inner update (weight decay is L2, added to
-            the preconditioned gradient).
-        damping, factor_decay, factor_update_steps, inv_update_steps, kl_clip, inner: see
-            ``KFACConfig``.
+        model: the network; forward hooks are registered on its supported layers.
+        damping, factor_decay, factor_update_steps, inv_update_steps, factor_locations,
+        max_factor_dim, warmup_steps, kl_clip, precondition, seed: see
+        ``pdeds.optim.config.KFACConfig`` (the defaults here are the K-FAC of before issue 13).
     """
-
-    needs_closure = False
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        lr: float = 1e-2,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
         damping: float = 1e-3,
         factor_decay: float = 0.95,
         factor_update_steps: int = 1,
-        inv_update_steps: int = 10,
-        kl_clip: float = 1e-3,
-        inner: str = "sgd",
+        inv_update_steps: int = 1,
+        factor_locations: int = 0,
+        max_factor_dim: int = 0,
+        warmup_steps: int = 0,
+        kl_clip: float = 0.0,
+        precondition: str = "step",
+        seed: int = 0,
     ) -> None:
-        if inner not in INNER_OPTIMIZERS:
-            raise PdedsError(f"optim.kfac.inner: {inner!r} is not one of {INNER_OPTIMIZERS}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            damping=damping,
-            factor_decay=factor_decay,
-            kl_clip=kl_clip,
-        )
-        super().__init__(params, defaults)
-        self.inner = inner
-        self.factor_update_steps = factor_update_steps
-        self.inv_update_steps = inv_update_steps
-        self.layers = [
-            LayerHelper(name, m)
-            for name, m in model.named_modules()
-            if supported(m) and m.weight.requires_grad
-        ]
-        self.param_groups[0].setdefault("kfac_steps", 0)
+        self.damping, self.factor_decay, self.kl_clip = damping, factor_decay, kl_clip
+        self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
+        self.factor_locations, self.warmup_steps = factor_locations, warmup_steps
+        self.in_backward, self.seed = precondition == "backward", seed
+        self.layers = preconditioned_layers(model, max_factor_dim)
+        self.steps = 0
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
         self._sums: dict[str, dict[str, Any]] = {}
-        self._handles = [h.module.register_forward_hook(self._forward_hook(h)) for h in self.layers]
+        self._local_v: dict[str, torch.Tensor] = {}
+        self._handles = [
+            h.module.register_forward_hook(self._forward_hook(i, h))
+            for i, h in enumerate(self.layers)
+        ]
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken (kept in the param group so checkpoints carry it)."""
-        return int(self.param_groups[0]["kfac_steps"])
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self.param_groups[0]["kfac_steps"] = value
-
-    # ---- statistics -----------------------------------------------------------------------
+    # ---- schedule -------------------------------------------------------------------------
 
     def collecting(self) -> bool:
         """True on steps whose forward/backward passes feed the factors."""
-        return self.steps % self.factor_update_steps == 0
+        return self.steps < self.warmup_steps or self.steps % self.factor_update_steps == 0
 
-    def _forward_hook(self, h: LayerHelper) -> Callable:
+    def _eigen_due(self) -> bool:
+        """Refresh the eigenbases now? "step": at steps 0, k, 2k..; "backward": after the step
+        that ends the warm-up and every k steps after it (k = inv_update_steps)."""
+        if not self.in_backward:
+            return self.steps % self.inv_update_steps == 0
+        after = self.steps + 1 - max(1, self.warmup_steps)
+        return after >= 0 and after % self.inv_update_steps == 0
+
+    # ---- statistics -----------------------------------------------------------------------
+
+    def _locations(self, index: int, y: torch.Tensor) -> torch.Tensor | None:
+        """The L output locations of layer ``index`` this step (None = all T)."""
+        t = math.prod(y.shape[2:]) if y.dim() > 2 else 1
+        if self.factor_locations == 0 or self.factor_locations >= t:
+            return None
+        key = (((self.seed * 1_000_003 + self.steps) * 1_000_003 + index) * 1_000_003 + t) % (
+            1 << 62
+        )
+        gen = torch.Generator().manual_seed(key)
+        picked = torch.randperm(t, generator=gen)[: self.factor_locations]
+        return picked.sort().values.to(y.device)
+
+    def _forward_hook(self, index: int, h: LayerHelper) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if (
-                not self.collecting()
-                or not torch.is_grad_enabled()
+                not torch.is_grad_enabled()
                 or not isinstance(output, torch.Tensor)
                 or not output.requires_grad
                 or _in_backward()
             ):
                 return
-            with torch.no_grad():
-                x = inputs[0].detach()
-                dtype = _factor_dtype(x.dtype)
-                a = h.patches(x.to(dtype), output.detach())
-                a_outer = a.T @ a
-            n = x.shape[0]
-
-            def grad_hook(gy: torch.Tensor) -> None:
-                with torch.no_grad():
-                    g = h.output_rows(gy.detach().to(dtype))
-                    acc = self._sums.setdefault(
-                        h.name, {"A": 0.0, "G": 0.0, "samples": 0, "rows": 0}
-                    )
-                    acc["A"] = acc["A"] + a_outer
-                    acc["G"] = acc["G"] + g.T @ g
-                    acc["samples"] += n
-                    acc["rows"] += g.shape[0]
-
-            output.register_hook(grad_hook)
+            if self.collecting():
+                self._collect(index, h, inputs[0], output)
+            if self.in_backward and "evec_A" in self.factors.get(h.name, {}):
+                self._hook_node(h, output)
 
         return hook
 
-    def reset_state(self) -> None:
-        """Forget factors, eigenbases and inner moments; the next step rebuilds the factors.
+    def _collect(self, index: int, h: LayerHelper, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add this call's A sum now and its G sum when y's gradient arrives."""
+        where = self._locations(index, y)
+        with torch.no_grad():
+            dtype = _factor_dtype(x.dtype)
+            a = h.patches(x.detach().to(dtype), y.detach(), where)
+            a_outer = a.T @ a
+            if where is not None:
+                a_outer *= math.prod(y.shape[2:]) / len(where)
+        n = x.shape[0]
 
-        Used when the problem changes under the optimizer (e.g. a multigrid level switch: A sums
-        over output locations, so it scales with the resolution)."""
-        self.state.clear()
-        self._sums = {}
-        self.steps = 0
+        def grad_hook(gy: torch.Tensor) -> None:
+            with torch.no_grad():
+                g = h.output_rows(gy.detach().to(dtype), where)
+                acc = self._sums.setdefault(h.name, {"A": 0.0, "G": 0.0, "samples": 0, "rows": 0})
+                acc["A"] = acc["A"] + a_outer
+                acc["G"] = acc["G"] + g.T @ g
+                acc["samples"] += n
+                acc["rows"] += g.shape[0]
 
-    def remove_hooks(self) -> None:
-        """Detach K-FAC from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _state(self, h: LayerHelper) -> dict:
-        return self.state[h.module.weight]
+        y.register_hook(grad_hook)
 
     def _update_factors(self) -> None:
         """Reduce this step's factor sums over ranks (one all-reduce) and update the averages."""
-        xi = self.param_groups[0]["factor_decay"]
+        if not self.layers:
+            return
+        dtype = _factor_dtype(self.layers[0].module.weight.dtype)
         chunks, counts = [], []
-        dtype = _factor_dtype(self.layers[0].module.weight.dtype) if self.layers else None
         for h in self.layers:
             acc = self._sums.get(h.name)
             w = h.module.weight
@@ -251,22 +215,15 @@ class KFAC(torch.optim.Optimizer):
             n_r = acc["samples"]
             chunks += [(acc["G"] * float(n_r) ** 2).reshape(-1), acc["A"].reshape(-1)]
             counts += [float(n_r), float(acc["rows"])]
-        if not chunks:
-            return
-        flat = torch.cat(chunks + [torch.tensor(counts, dtype=dtype, device=chunks[0].device)])
-        flat = distributed.all_reduce_sum(flat)
-        offset = 0
-        total = flat[-len(counts) :].tolist()
+        sums, total = comm.reduce_sums(chunks, counts)
+        xi = self.factor_decay
         for i, h in enumerate(self.layers):
-            g_sum = flat[offset : offset + h.g_dim**2].view(h.g_dim, h.g_dim)
-            offset += h.g_dim**2
-            a_sum = flat[offset : offset + h.a_dim**2].view(h.a_dim, h.a_dim)
-            offset += h.a_dim**2
             samples, rows = total[2 * i], total[2 * i + 1]
             if samples == 0:
                 continue
-            a_batch, g_batch = a_sum / samples, g_sum / rows
-            st = self._state(h)
+            g_batch = sums[2 * i].view(h.g_dim, h.g_dim) / rows
+            a_batch = sums[2 * i + 1].view(h.a_dim, h.a_dim) / samples
+            st = self.factors.setdefault(h.name, {})
             if "A" not in st:
                 st["A"], st["G"] = a_batch.clone(), g_batch.clone()
             else:
@@ -275,129 +232,172 @@ class KFAC(torch.optim.Optimizer):
         self._sums = {}
 
     def _update_eigen(self) -> None:
-        """Eigendecompose every factor on its assigned rank; share results in one all-reduce."""
-        items = [(h, key) for h in self.layers if "A" in self._state(h) for key in ("A", "G")]
+        """Eigenbases of every factor, each decomposed on one rank, shared by all."""
+        items = [(h.name, key) for h in self.layers if h.name in self.factors for key in "AG"]
         if not items:
             return
-        sizes = [self._state(h)[key].shape[0] for h, key in items]
-        owner = assign_inversions(sizes, distributed.world_size())
-        me = distributed.rank()
-        ref = self._state(items[0][0])["A"]
-        flat = ref.new_zeros(sum(n * n + n for n in sizes))
-        offset = 0
-        for (h, key), n, r in zip(items, sizes, owner, strict=True):
-            if r == me:
-                evals, evecs = torch.linalg.eigh(self._state(h)[key].double())
-                flat[offset : offset + n] = evals.clamp_min(0.0).to(flat.dtype)
-                flat[offset + n : offset + n + n * n] = evecs.reshape(-1).to(flat.dtype)
-            offset += n + n * n
-        flat = distributed.all_reduce_sum(flat)
-        offset = 0
-        for (h, key), n in zip(items, sizes, strict=True):
-            st = self._state(h)
-            st["eval_" + key] = flat[offset : offset + n].clone()
-            st["evec_" + key] = flat[offset + n : offset + n + n * n].view(n, n).clone()
-            offset += n + n * n
+        shared = comm.share_eigenbases([self.factors[name][key] for name, key in items])
+        for (name, key), (evals, evecs) in zip(items, shared, strict=True):
+            self.factors[name]["eval_" + key] = evals
+            self.factors[name]["evec_" + key] = evecs
 
     # ---- preconditioning ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def precondition(self) -> None:
-        """Replace each K-FAC layer's gradient by its KL-clipped preconditioned gradient.
+    def _apply(self, h: LayerHelper, mat: torch.Tensor) -> torch.Tensor:
+        """V = P mat, the damped Kronecker inverse (module docstring)."""
+        st = self.factors[h.name]
+        qa, qg, la, lg = st["evec_A"], st["evec_G"], st["eval_A"], st["eval_G"]
+        v = qg.T @ mat.to(qa.dtype) @ qa
+        v = v / (lg[:, None] * la[None, :] + self.damping)
+        return qg @ v @ qa.T
 
-        Refreshes factors / eigenbases first when this step is due for it.
-        """
-        self._check_params()
+    def _curvature(self, h: LayerHelper, v: torch.Tensor) -> float:
+        """<V, P^-1 V> = sum (Q_G^T V Q_A)^2 (l_G l_A^T + gamma): the layer's term of S."""
+        st = self.factors[h.name]
+        r = st["evec_G"].T @ v.to(st["evec_A"].dtype) @ st["evec_A"]
+        scale = st["eval_G"][:, None] * st["eval_A"][None, :] + self.damping
+        return float((r * r * scale).sum())
+
+    def _hook_node(self, h: LayerHelper, y: torch.Tensor) -> None:
+        """Precondition the weight / bias gradients y's autograd node produces (backward mode)."""
+        node = y.grad_fn
+        slots = {}
+        for i, (fn, _) in enumerate(getattr(node, "next_functions", ())):
+            for key, p in (("w", h.module.weight), ("b", getattr(h.module, "bias", None))):
+                if p is not None and getattr(fn, "variable", None) is p:
+                    slots[key] = i
+        if "w" not in slots or (h.has_bias and "b" not in slots):
+            raise PdedsError(
+                f"K-FAC cannot precondition {h.name} in backward (its weight reaches autograd "
+                "through another operation); set optim.kfac.precondition: step and ZeRO stage 0"
+            )
+
+        def node_hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+            gw = grad_inputs[slots["w"]]
+            if gw is None:
+                return None
+            gb = grad_inputs[slots["b"]] if h.has_bias else None
+            v = self._apply(h, h.matrix(gw, gb))
+            if self.kl_clip > 0:
+                old = self._local_v.get(h.name)
+                self._local_v[h.name] = v if old is None else old + v
+            new_w, new_b = h.split(v)
+            out = list(grad_inputs)
+            out[slots["w"]] = new_w
+            if h.has_bias:
+                out[slots["b"]] = new_b
+            return tuple(out)
+
+        node.register_hook(node_hook)
+
+    def _kl_scale(self, s: float, lr: float) -> float:
+        """nu = min(1, sqrt(kl_clip / (lr^2 S))) (1 without a clip)."""
+        if self.kl_clip > 0 and s * lr**2 > 0:
+            return min(1.0, math.sqrt(self.kl_clip / (s * lr**2)))
+        return 1.0
+
+    @torch.no_grad()
+    def precondition_reduced(self, lr: float) -> None:
+        """ "step" mode: refresh the factors / eigenbases when due, then replace each layer's
+        (reduced) gradient by nu V."""
         if self.collecting():
             self._update_factors()
-        if self.steps % self.inv_update_steps == 0:
+        if self._eigen_due():
             self._update_eigen()
-        group = self.param_groups[0]
-        gamma, lr, kl_clip = group["damping"], group["lr"], group["kl_clip"]
-        updates: list[tuple[LayerHelper, torch.Tensor]] = []
-        vg = 0.0
+        updates, s = [], 0.0
         for h in self.layers:
-            st = self._state(h)
-            if "evec_A" not in st or h.module.weight.grad is None:
+            if "evec_A" not in self.factors.get(h.name, {}) or h.module.weight.grad is None:
                 continue
-            qa, qg, la, lg = st["evec_A"], st["evec_G"], st["eval_A"], st["eval_G"]
-            grad = h.grad_matrix().to(qa.dtype)
-            v = qg.T @ grad @ qa
-            v = v / (lg[:, None] * la[None, :] + gamma)
-            v = qg @ v @ qa.T
-            vg += float((v * grad).sum())
+            grad = h.grad_matrix()
+            v = self._apply(h, grad)
+            s += float((v * grad.to(v.dtype)).sum())
             updates.append((h, v))
-        nu = 1.0
-        if kl_clip > 0 and vg * lr**2 > 0:
-            nu = min(1.0, math.sqrt(kl_clip / (vg * lr**2)))
+        nu = self._kl_scale(s, lr)
         for h, v in updates:
             h.set_grad_matrix(v * nu)
 
-    def _check_params(self) -> None:
-        held = {id(p) for p in self.param_groups[0]["params"]}
+    @torch.no_grad()
+    def clip_preconditioned(self, optimizer: torch.optim.Optimizer) -> None:
+        """ "backward" mode: scale every gradient ``optimizer`` holds by nu, S from the reduced V
+        of whole layers (their ``.grad`` when it holds them, else the ranks' local V averaged)."""
+        names = [h for h in self.layers if h.name in self._local_v]
+        if self.kl_clip <= 0 or not names:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if all(id(h.module.weight) in held for h in names):
+            reduced = [h.grad_matrix() for h in names]
+        else:
+            reduced = comm.reduce_mean([self._local_v[h.name] for h in names])
+        s = sum(self._curvature(h, v) for h, v in zip(names, reduced, strict=True))
+        nu = self._kl_scale(s, optimizer.param_groups[0]["lr"])
+        if nu < 1.0:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(nu)
+
+    # ---- the optimizer's step hooks -------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run in front of ``optimizer.step()`` (and after it), carry the factors in its
+        ``state_dict``; ``optimizer.kfac`` is this preconditioner."""
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+        optimizer.register_state_dict_post_hook(self._save)
+        optimizer.register_load_state_dict_pre_hook(self._load)
+        optimizer.kfac = self  # type: ignore[attr-defined]
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.in_backward:
+            self.clip_preconditioned(optimizer)
+            return
+        self._check_params(optimizer)
+        self.precondition_reduced(optimizer.param_groups[0]["lr"])
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.in_backward:
+            if self.collecting():
+                self._update_factors()
+            if self._eigen_due():
+                self._update_eigen()
+            self._local_v = {}
+        self.steps += 1
+
+    def _check_params(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for h in self.layers:
             if any(id(p) not in held for p in h.params()):
                 raise PdedsError(
                     "K-FAC no longer holds the model's parameters (a ZeRO stage >= 1 or fp16/bf16 "
-                    "wrapper replaced them); use zero_optimization.stage 0 and fp32"
+                    "wrapper replaced them); use zero_optimization.stage 0 and fp32, or "
+                    "optim.kfac.precondition: backward"
                 )
 
-    # ---- the step -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step count and factors (eigenbases included)."""
+        return {"steps": self.steps, "factors": self.factors}
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Precondition the gradients, then apply the inner update; returns closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.precondition()
-        if self.inner == "sgd":
-            self._sgd()
-        else:
-            self._adam()
-        self.steps += 1
-        return loss
+    def _save(self, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+        return {**state, "kfac": self.state_dict()}
 
-    def _sgd(self) -> None:
-        group = self.param_groups[0]
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d = p.grad.add(p, alpha=wd) if wd else p.grad
-            st = self.state[p]
-            if mu:
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = st["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mu).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+    def _load(self, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+        state = dict(state)
+        saved = state.pop("kfac", None)
+        if saved is not None:
+            self.steps = int(saved["steps"])
+            self.factors = {k: dict(v) for k, v in saved["factors"].items()}
+        return state
 
-    def _adam(self) -> None:
-        group = self.param_groups[0]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        b1, b2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d = p.grad.add(p, alpha=wd) if wd else p.grad
-            st = self.state[p]
-            if "exp_avg" not in st:
-                st["adam_step"] = 0
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-            st["adam_step"] += 1
-            k = st["adam_step"]
-            st["exp_avg"].mul_(b1).add_(d, alpha=1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(d, d, value=1 - b2)
-            m_hat = st["exp_avg"] / (1 - b1**k)
-            v_hat = st["exp_avg_sq"] / (1 - b2**k)
-            p.addcdiv_(m_hat, v_hat.sqrt().add_(eps), value=-lr)
+    def reset_state(self) -> None:
+        """Forget factors and eigenbases; the warm-up starts again.
 
+        Used when the problem changes under the optimizer (e.g. a multigrid level switch: A sums
+        over output locations, so it scales with the resolution)."""
+        self.factors, self._sums, self._local_v = {}, {}, {}
+        self.steps = 0
 
-def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Factors accumulate in at least float32."""
-    return torch.promote_types(dtype, torch.float32)
+    def remove_hooks(self) -> None:
+        """Detach K-FAC from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

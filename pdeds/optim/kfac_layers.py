@@ -43,6 +43,18 @@ def supported(module: nn.Module) -> bool:
     return False
 
 
+def preconditioned_layers(model: nn.Module, max_factor_dim: int = 0) -> list[LayerHelper]:
+    """The layers K-FAC preconditions: supported, trainable, and (``max_factor_dim`` > 0) with
+    both factors of at most that size; the others keep their plain gradient."""
+    out = []
+    for name, m in model.named_modules():
+        if supported(m) and m.weight.requires_grad:
+            h = LayerHelper(name, m)
+            if max_factor_dim == 0 or max(h.a_dim, h.g_dim) <= max_factor_dim:
+                out.append(h)
+    return out
+
+
 def _append_ones(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 
@@ -90,29 +102,42 @@ class LayerHelper:
 
     # ---- forward: activations -------------------------------------------------------------
 
-    def patches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Rows a_{n,t} (with the trailing 1 if the layer has a bias): (N * T, a_dim).
+    def patches(
+        self, x: torch.Tensor, y: torch.Tensor, locations: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows a_{n,t} (with the trailing 1 if the layer has a bias): (N * T, a_dim), or
+        (N * L, a_dim) for the L output ``locations`` (flat indices into y's spatial shape;
+        None = all), sample-major.
 
         Args:
-            x: the layer's input; y: its output (gives T for transposed convolutions).
+            x: the layer's input; y: its output (gives T and the location grid).
         """
         m = self.module
         if isinstance(m, nn.Linear):
-            a = x.reshape(-1, x.shape[-1])
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+            a = a if locations is None else a[:, locations]
+            a = a.reshape(-1, x.shape[-1])
+        elif locations is not None:
+            a = self._gathered_patches(x, y, locations)
         elif isinstance(m, CONV_TRANSPOSE):
             a = self._transpose_patches(x, y)
         else:
             a = self._conv_patches(x)
         return _append_ones(a) if self.has_bias else a
 
-    def _conv_patches(self, x: torch.Tensor) -> torch.Tensor:
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        a = _windows(x, m.kernel_size, m.dilation, m.stride)
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+
+    def _conv_patches(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        a = _windows(self._padded(x), m.kernel_size, m.dilation, m.stride)
         return a.reshape(-1, a.shape[-1])
 
-    def _transpose_patches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _zero_inserted(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The zero-inserted, padded input whose direct convolution with the flipped kernel (stride
+        1) is the transposed convolution of ``x``."""
         m = self.module
         d = x.dim() - 2
         n_in = x.shape[2:]
@@ -124,39 +149,69 @@ class LayerHelper:
             left = m.dilation[j] * (m.kernel_size[j] - 1) - m.padding[j]
             right = y.shape[2 + j] + m.dilation[j] * (m.kernel_size[j] - 1) - left - z.shape[2 + j]
             pads += [left, right]
-        z = F.pad(z, pads)
-        ones = (1,) * d
-        a = _windows(z, m.kernel_size, m.dilation, ones)
+        return F.pad(z, pads)
+
+    def _transpose_patches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        d = x.dim() - 2
+        a = _windows(self._zero_inserted(x, y), m.kernel_size, m.dilation, (1,) * d)
         # The direct convolution's offset m pairs with W's offset k = K - 1 - m: flip.
         a = a.reshape(a.shape[:2] + (x.shape[1],) + tuple(m.kernel_size))
         a = a.flip(dims=tuple(range(3, 3 + d)))
         return a.reshape(-1, self.a_dim - int(self.has_bias))
 
+    def _gathered_patches(
+        self, x: torch.Tensor, y: torch.Tensor, locations: torch.Tensor
+    ) -> torch.Tensor:
+        """Patches at the output ``locations`` only, gathered from the padded input:
+        a_t[i, k] = x_pad[i, t s + k dl] (convolution) or z[i, t + (K - 1 - k) dl] (transposed:
+        the zero-inserted input, stride 1, flipped kernel)."""
+        m = self.module
+        transposed = isinstance(m, CONV_TRANSPOSE)
+        xp = self._zero_inserted(x, y) if transposed else self._padded(x)
+        grid, kernel = y.shape[2:], tuple(m.kernel_size)
+        offsets = torch.arange(math.prod(kernel), device=x.device)
+        flat = torch.zeros(len(locations), len(offsets), dtype=torch.long, device=x.device)
+        t_rest, k_rest, span = locations.clone(), offsets.clone(), 1
+        for j in reversed(range(len(grid))):
+            t_j, t_rest = t_rest % grid[j], t_rest // grid[j]
+            k_j, k_rest = k_rest % kernel[j], k_rest // kernel[j]
+            if transposed:
+                pos = t_j[:, None] + (kernel[j] - 1 - k_j[None, :]) * m.dilation[j]
+            else:
+                pos = t_j[:, None] * m.stride[j] + k_j[None, :] * m.dilation[j]
+            flat += pos * span
+            span *= xp.shape[2 + j]
+        n, c = xp.shape[:2]
+        a = xp.reshape(n, c, -1)[:, :, flat.reshape(-1)].reshape(n, c, len(locations), -1)
+        return a.permute(0, 2, 1, 3).reshape(n * len(locations), -1)
+
     # ---- backward: output gradients -------------------------------------------------------
 
-    def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
-        """Rows of dL/ds, (N * T, g_dim): channels last for convolutions."""
+    def output_rows(self, gy: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of dL/ds, (N * T, g_dim) or (N * L, g_dim) at ``locations``: channels last."""
         if isinstance(self.module, nn.Linear):
-            return gy.reshape(-1, gy.shape[-1])
-        return gy.movedim(1, -1).reshape(-1, gy.shape[1])
+            g = gy.reshape(gy.shape[0], -1, gy.shape[-1])
+            g = g if locations is None else g[:, locations]
+            return g.reshape(-1, gy.shape[-1])
+        g = gy.reshape(gy.shape[0], gy.shape[1], -1)
+        g = g if locations is None else g[:, :, locations]
+        return g.movedim(1, -1).reshape(-1, gy.shape[1])
 
     # ---- gradient matrix ------------------------------------------------------------------
 
-    def grad_matrix(self) -> torch.Tensor:
-        """[dW reshaped to (out, fan_in) | db]: (g_dim, a_dim)."""
-        w = self.module.weight
-        g = w.grad if w.grad is not None else torch.zeros_like(w)
+    def matrix(self, gw: torch.Tensor, gb: torch.Tensor | None) -> torch.Tensor:
+        """[dW reshaped to (out, fan_in) | db]: (g_dim, a_dim), from weight / bias gradients."""
         if isinstance(self.module, CONV_TRANSPOSE):
-            g = g.transpose(0, 1)
-        g = g.reshape(self.out, -1)
+            gw = gw.transpose(0, 1)
+        g = gw.reshape(self.out, -1)
         if self.has_bias:
-            b = self.module.bias
-            gb = b.grad if b.grad is not None else torch.zeros_like(b)
-            g = torch.cat([g, gb.reshape(-1, 1)], dim=1)
+            gb = gb if gb is not None else g.new_zeros(self.out)
+            g = torch.cat([g, gb.reshape(-1, 1).to(g.dtype)], dim=1)
         return g
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        """Write a (g_dim, a_dim) matrix back into weight.grad (and bias.grad)."""
+    def split(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of ``matrix``: (weight-shaped, bias-shaped or None) in the weight's dtype."""
         w = self.module.weight
         body = mat[:, : mat.shape[1] - int(self.has_bias)]
         if isinstance(self.module, CONV_TRANSPOSE):
@@ -164,6 +219,19 @@ class LayerHelper:
             gw = body.reshape(shape).transpose(0, 1)
         else:
             gw = body.reshape(w.shape)
-        w.grad = gw.contiguous().to(w.dtype)
+        gb = mat[:, -1].contiguous().to(w.dtype) if self.has_bias else None
+        return gw.contiguous().to(w.dtype), gb
+
+    def grad_matrix(self) -> torch.Tensor:
+        """``matrix`` of the layer's current ``.grad`` (zeros where absent)."""
+        w = self.module.weight
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)
+        gb = self.module.bias.grad if self.has_bias else None
+        return self.matrix(gw, gb)
+
+    def set_grad_matrix(self, mat: torch.Tensor) -> None:
+        """Write a (g_dim, a_dim) matrix back into weight.grad (and bias.grad)."""
+        gw, gb = self.split(mat)
+        self.module.weight.grad = gw
         if self.has_bias:
-            self.module.bias.grad = mat[:, -1].contiguous().to(w.dtype)
+            self.module.bias.grad = gb

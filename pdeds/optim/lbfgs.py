@@ -150,12 +150,17 @@ class LBFGS(torch.optim.Optimizer):
         self._captured: list[torch.Tensor] | None = None
         self._evaluator: _EngineEvaluator | None = None
         self._start_loss: float | None = None
+        self._start_grad: torch.Tensor | None = None
+        self._end: tuple[Any, float, torch.Tensor, torch.Tensor] | None = None
+        """(batch key, loss, local gradient, local parameters) where the last step ended."""
         self.evaluations_last_step = 0
-        """Loss + gradient evaluations of the global batch the last step used (incl. its first)."""
+        """Loss + gradient evaluations of the global batch the last step used (incl. its first,
+        unless it was the previous step's end on a held batch)."""
 
     def reset_state(self) -> None:
         """Forget the curvature history (e.g. when the loss changes at a multigrid level switch)."""
         self.state.clear()
+        self._end = None
 
     # ---- the flat local vector ---------------------------------------------------------
 
@@ -213,12 +218,17 @@ class LBFGS(torch.optim.Optimizer):
             loss, g = evaluate()
         elif self._evaluator is not None and self._start_loss is not None:
             evaluate = self._evaluator
-            loss, g = self._start_loss, self._flat_grad()
+            loss = self._start_loss
+            g = self._start_grad if self._start_grad is not None else self._flat_grad()
         else:
             raise RuntimeError(
                 "LBFGS.step needs a closure; under DeepSpeed call pdeds.optim.engine_step"
             )
-        self.evaluations_last_step = 1 + self._iterate(evaluate, loss, g)
+        used, f, g = self._iterate(evaluate, loss, g)
+        first = 0 if self._start_grad is not None else 1
+        self.evaluations_last_step = first + used
+        key = self._evaluator.batch_key if self._evaluator is not None else None
+        self._end = None if key is None else (key, f, g.clone(), self._flat_params().clone())
         return loss
 
     def _closure_evaluator(self, closure: Callable[[], Any]) -> Callable[[], tuple[float, Any]]:
@@ -229,8 +239,11 @@ class LBFGS(torch.optim.Optimizer):
 
         return evaluate
 
-    def _iterate(self, evaluate: Callable[[], tuple[float, torch.Tensor]], f: float, g) -> int:
-        """Up to max_iter iterations from loss f, local gradient g; returns the evaluations used."""
+    def _iterate(
+        self, evaluate: Callable[[], tuple[float, torch.Tensor]], f: float, g: torch.Tensor
+    ) -> tuple[int, float, torch.Tensor]:
+        """Up to max_iter iterations from loss f, local gradient g; returns the evaluations used
+        and the loss and local gradient where they ended."""
         used = 0
         group = self.param_groups[0]
         state = self.state[self._params()[0]]
@@ -279,7 +292,7 @@ class LBFGS(torch.optim.Optimizer):
                 or abs(new.t) * d_max <= group["tolerance_change"]
             ):
                 break
-        return used
+        return used, f, g
 
     # ---- history and the two-loop recursion in coefficient space -------------------------
 
@@ -367,15 +380,21 @@ class LBFGS(torch.optim.Optimizer):
 
         check_engine(engine, len(micro_batches))
         self.partitioned = engine.zero_optimization_stage() in (1, 2)
+        key = getattr(loss_fn, "batch_key", None)
+        held = self._held_start(key)
         total = torch.zeros((), dtype=torch.float64)
         try:
             for j, mb in enumerate(micro_batches):
-                loss = loss_fn(mb)
+                # On a held batch the start is the last step's end: a null backward keeps
+                # DeepSpeed's micro-step and reduction bookkeeping without a network pass.
+                loss = _null_loss(engine) if held is not None else loss_fn(mb)
                 engine.backward(loss)
                 total += loss.detach().double().cpu()
                 if j == len(micro_batches) - 1:
                     self._start_loss = global_mean(total, len(micro_batches))
-                    self._evaluator = _EngineEvaluator(self, engine, micro_batches, loss_fn)
+                    if held is not None:
+                        self._start_loss, self._start_grad = held
+                    self._evaluator = _EngineEvaluator(self, engine, micro_batches, loss_fn, key)
                     if not engine.is_gradient_accumulation_boundary():
                         raise PdedsError(
                             "engine_step got micro-batches that do not end on a gradient-"
@@ -384,9 +403,25 @@ class LBFGS(torch.optim.Optimizer):
                 engine.step()
         finally:
             self._evaluator = None
+            self._start_grad = None
         start, self._start_loss = self._start_loss, None
         assert start is not None
         return start
+
+    def _held_start(self, key: Any) -> tuple[float, torch.Tensor] | None:
+        """(loss, local gradient) of the last step's end if this step's batch key is the same
+        and the parameters have not moved since (a checkpoint load, another optimizer), agreed
+        by every rank; else None."""
+        end = self._end
+        ok = end is not None and key is not None and end[0] == key
+        ok = ok and torch.equal(self._flat_params(), end[3])
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
+        if distributed.is_distributed():
+            flag = distributed.all_reduce_max(flag)
+        if flag[0] > 0 or end is None:
+            self._end = None
+            return None
+        return end[1], end[2]
 
 
 def check_engine(engine: Any, n_micro: int) -> None:
@@ -409,16 +444,28 @@ def check_engine(engine: Any, n_micro: int) -> None:
         )
 
 
+def _null_loss(engine: Any) -> torch.Tensor:
+    """0 as a function of every trainable parameter (a backward of it costs no network pass)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return torch.stack([(p * 0).sum() for p in params]).sum()
+
+
 class _EngineEvaluator:
     """Loss and reduced gradient of the global batch at the optimizer's current parameters."""
 
     def __init__(
-        self, opt: LBFGS, engine: Any, micro_batches: Sequence[Any], loss_fn: Callable
+        self,
+        opt: LBFGS,
+        engine: Any,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable,
+        batch_key: Any = None,
     ) -> None:
         self.opt = opt
         self.engine = engine
         self.micro_batches = micro_batches
         self.loss_fn = loss_fn
+        self.batch_key = batch_key
 
     def __call__(self) -> tuple[float, torch.Tensor]:
         from pdeds.optim import global_mean

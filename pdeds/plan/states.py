@@ -79,15 +79,13 @@ def optimizer_bytes(optim: Any, model: Any = None) -> tuple[float, float]:
         return (4.0 if optim.momentum > 0 else 0.0), 0.0
     if name == "lbfgs":
         return 4.0 * (2 * optim.lbfgs.history_size + 3), 0.0
-    inner = 8.0 if optim.kfac.inner == "adam" else (4.0 if optim.momentum > 0 else 0.0)
+    inner = 8.0 if optim.kfac.inner in ("adam", "adamw") else (4.0 if optim.momentum > 0 else 0.0)
     extra = 0.0
     if model is not None:
-        from pdeds.optim.kfac_layers import LayerHelper, supported
+        from pdeds.optim.kfac_layers import preconditioned_layers
 
-        for key, module in model.named_modules():
-            if supported(module):
-                h = LayerHelper(key, module)
-                extra += 4.0 * (2 * (h.a_dim**2 + h.g_dim**2) + h.a_dim + h.g_dim)
+        for h in preconditioned_layers(model, optim.kfac.max_factor_dim):
+            extra += 4.0 * (2 * (h.a_dim**2 + h.g_dim**2) + h.a_dim + h.g_dim)
     return inner, extra
 
 

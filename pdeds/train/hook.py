@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pdeds import optim
 from pdeds.multigrid import Visit, close, visit_at
-from pdeds.optim import client_optimizer
 
 
 class LevelHook:
@@ -84,8 +84,4 @@ class LevelHook:
 
 def reset_optimizer_state(engine: Any) -> None:
     """Forget moments / curvature history of the client optimizer (``optimizer_state: reset``)."""
-    opt = client_optimizer(engine)
-    if hasattr(opt, "reset_state"):
-        opt.reset_state()
-    else:
-        opt.state.clear()
+    optim.reset_state(engine)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pdeds.optim import engine_step
+from pdeds.optim.gauss_newton import OutputCurvature
 from pdeds.physics import fem
 
 
@@ -66,6 +67,22 @@ def micro_batch_loss(u: torch.Tensor, nu: torch.Tensor, f: float, weighting: str
     return j.mean()
 
 
+def output_curvature(nu: torch.Tensor, f: float, weighting: str) -> OutputCurvature:
+    """The samples' d^2 loss_b / dU_b^2 = w_b K_b (METHOD.md sec. 7): w_b = 1, or 1 / |J_h(g_b)|
+    for ``weighting`` lifting (the weight of ``micro_batch_loss``); the micro-batch mean's 1/B is
+    left to the caller."""
+    w = torch.ones(nu.shape[0], dtype=torch.float32, device=nu.device)
+    if weighting == "lifting":
+        with torch.no_grad():
+            w = 1.0 / fem.energy(fem.apply_dirichlet(torch.zeros_like(nu)), nu, f).abs()
+    w = w.view((-1,) + (1,) * (nu.ndim - 1))
+
+    def hessian(z: torch.Tensor) -> torch.Tensor:
+        return w.to(z.dtype) * fem.stiffness_apply(z, nu)
+
+    return OutputCurvature(nu, hessian)
+
+
 def make_loss_fn(
     engine: Any,
     data: Any,
@@ -77,7 +94,8 @@ def make_loss_fn(
 ) -> Callable[[np.ndarray], torch.Tensor]:
     """``loss(idx)``: the micro-batch loss of the samples ``idx`` at resolution ``res``,
     through ``engine``; ``data.nu(idx, res)`` gives their fields. ``on_output(u)`` sees each
-    network output (a benchmark hooks its gradient)."""
+    network output (a benchmark hooks its gradient). ``loss.curvature(idx)`` is the samples'
+    ``output_curvature`` (Gauss-Newton's)."""
 
     restart = phases.restart if phases is not None else lambda: None
     mark = phases.mark if phases is not None else lambda name: None
@@ -94,6 +112,7 @@ def make_loss_fn(
         mark("energy")
         return out
 
+    loss.curvature = lambda idx: output_curvature(data.nu(idx, res), f, weighting)  # type: ignore[attr-defined]
     return loss
 
 
@@ -107,6 +126,7 @@ def train_step(
     weighting: str = "none",
     phases: Phases | None = None,
     on_output: Callable[[torch.Tensor], None] | None = None,
+    batch_key: Any = None,
 ) -> float:
     """One optimizer step on this rank's micro-batches of a global batch
     (``pdeds.optim.engine_step``: the standard loop, or L-BFGS's line search); returns L at the
@@ -118,8 +138,11 @@ def train_step(
         micro_batches: this rank's sample ids, one array per accumulation step.
         res, f, weighting: resolution, source term and ``train.loss_weighting``.
         phases, on_output: optional timing and output hooks (see ``make_loss_fn``).
+        batch_key: names the global batch and level (``loss.batch_key``): equal keys of
+            consecutive steps mean the same loss, so L-BFGS reuses where the last step ended.
     """
     loss = make_loss_fn(engine, data, res, f, weighting, phases, on_output)
+    loss.batch_key = batch_key  # type: ignore[attr-defined]
     return engine_step(engine, micro_batches, loss)
 
 

@@ -280,13 +280,22 @@ class Trainer:
     def train_step(self, step: int) -> StepStats:
         """Optimizer step ``step`` (0-based) on its global batch of the sample stream."""
         v = self.hook.before_step(step)
-        ids = self.stream.indices(v.stream_position(step, self.hold), v.batch)
+        position = v.stream_position(step, self.hold)
+        ids = self.stream.indices(position, v.batch)
         micro = split_global_batch(ids, v.micro_batch, self.setup.world, self.rank)
         rate, phases = self.engine.optimizer.param_groups[0]["lr"], Phases()
         f, weighting = self.cfg.problem.f, self.cfg.train.loss_weighting
         t0 = self.clock.now()
+        key = (v.index, v.res, position)
         loss = train_step(
-            self.engine, self.data, micro, res=v.res, f=f, weighting=weighting, phases=phases
+            self.engine,
+            self.data,
+            micro,
+            res=v.res,
+            f=f,
+            weighting=weighting,
+            phases=phases,
+            batch_key=key,
         )
         seconds = self.clock.now() - t0
         evals = getattr(client_optimizer(self.engine), "evaluations_last_step", 1)
