@@ -263,7 +263,10 @@ def test_defaults_lower_the_loss_from_the_first_steps(tmp_path):
     starts after the warm-up (step 6), and the last is the lowest."""
     from trainer_util import train_cases
 
-    cases = [("defaults", ["optim.name=kfac", "train.steps=10"])]
+    # one held batch (the 4 training samples), so that the losses of the steps compare; the
+    # optim defaults (TINY sets lr 1e-4 for SGD)
+    defaults = ["optim.name=kfac", "optim.lr=1e-3", "data.train_samples=4", "train.steps=10"]
+    cases = [("defaults", defaults)]
     losses = run_ranks(train_cases, 1, str(tmp_path), cases, timeout=240)[0]["defaults"]["losses"]
     first = losses[1]
     assert all(loss < first for step, loss in losses.items() if step > 1), losses

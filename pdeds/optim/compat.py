@@ -68,14 +68,14 @@ def check_support(cfg: OptimConfig, view: dsconfig.DeepSpeedView) -> None:
         )
     check_stage(cfg, view.stage)
     entry = OPTIMIZERS[cfg.name]
-    stages = entry.zero_stages
+    stages, other = entry.zero_stages, "another optimizer"
     if cfg.name == "kfac" and cfg.kfac.precondition == "step":
-        stages = (0,)
+        stages, other = (0,), "optim.kfac.precondition: backward"
     if view.stage not in stages:
         ok = ", ".join(str(s) for s in stages)
         raise PdedsError(
             f"optim.name {cfg.name!r} does not run under ZeRO stage {view.stage}; "
-            f"use zero_optimization.stage in ({ok}) or another optimizer"
+            f"use zero_optimization.stage in ({ok}) or {other}"
         )
     if view.offloads and not entry.offload:
         ok = ", ".join(name for name, e in OPTIMIZERS.items() if e.offload)
