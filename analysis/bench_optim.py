@@ -23,7 +23,7 @@ the start of each step and at every line-search trial point (``LBFGS.evaluations
 but the trainer's ``samples`` counts one batch per step. The "samples" reported here are
 therefore EVALUATED samples, batch x evaluations, counted exactly: if the metrics rows carry a
 cumulative ``evaluations`` field it is used; otherwise each run is started through a small shim
-(``--child``, in this file) that wraps ``pdeds.train.trainer.engine_step`` and appends each
+(``--child``, in this file) that wraps ``pdeds.train.step.engine_step`` and appends each
 step's ``evaluations_last_step`` (1 for optimizers without it) to ``evaluations.txt`` in the
 run directory. The trainer's own count (one batch per step) is reported beside it.
 
@@ -129,10 +129,22 @@ GN_EVALS_PER_STEP = 2.0
 forward. Its CG products on the curvature sub-batch are not evaluations of the batch; their cost
 shows in the wall time only."""
 
-PINNED = ["train.lr_schedule=constant", "train.loss_weighting=none", "train.seed=0", "data.seed=0"]
+PINNED = [
+    "train.lr_schedule=constant",
+    "train.loss_weighting=none",
+    "train.seed=0",
+    "data.seed=0",
+    "schedule.cycle=single",
+    "schedule.levels=1",
+    "schedule.resolutions=null",
+    "schedule.level=[]",
+    "train.time_limit=0",
+]
 """Training settings fixed here rather than taken from quickstart.yaml (which may change): the
 settings the optimizers were tuned with. A constant rate for all: L-BFGS's lr is its first trial
-step, which a decaying schedule would shrink to 0. ``--set`` overrides them."""
+step, which a decaying schedule would shrink to 0. One level at ``--res`` and no time budget
+(the quickstart's half-V schedule splits a wall-clock budget, which would decide the steps).
+``--set`` overrides them."""
 
 LBFGS_EVALS_PER_ITERATION = 1.08
 """Line-search evaluations per L-BFGS iteration measured in the tuning runs (the unit step is
@@ -148,15 +160,16 @@ SHIM = "evaluations.txt"
 def child(argv: list[str]) -> int:
     """Run ``pdeds <argv[1:]>`` recording each step's evaluations in the file ``argv[0]``.
 
-    Wraps ``pdeds.train.trainer.engine_step``: after each optimizer step it appends the client
-    optimizer's ``evaluations_last_step`` (1 when it has none: one forward+backward of the
-    batch) as one line. The write is inside the trainer's timed region (microseconds a step).
+    Wraps ``pdeds.train.step.engine_step`` (what the trainer's step calls): after each
+    optimizer step it appends the client optimizer's ``evaluations_last_step`` (1 when it has
+    none: one forward+backward of the batch) as one line. The write is inside the trainer's
+    timed region (microseconds a step).
     """
-    import pdeds.train.trainer as trainer
+    import pdeds.train.step as step
     from pdeds.cli import main as pdeds_main
     from pdeds.optim import client_optimizer
 
-    original = trainer.engine_step
+    original = step.engine_step
     log = open(argv[0], "w")  # noqa: SIM115 - open for the whole run
 
     def counted(engine, micro_batches, loss_fn):  # noqa: ANN001, ANN202 - same as engine_step
@@ -166,7 +179,7 @@ def child(argv: list[str]) -> int:
         log.flush()
         return loss
 
-    trainer.engine_step = counted
+    step.engine_step = counted
     try:
         return int(pdeds_main(argv[1:]) or 0)
     finally:
