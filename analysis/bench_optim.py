@@ -41,13 +41,11 @@ Tuned settings (the defaults in ``METHODS``), from short runs at res 16, width 8
   ``hold_steps`` 0 (full batch) when the batch is the whole training set, else 3 (12 iterations
   on one batch): after ~7800 evaluated samples hold 3 gave 0.064, hold 1 (4 iterations a
   batch) 0.071, both far behind Adam's 0.033 at 3200.
-- K-FAC: its defaults (``pdeds.optim.config.KFACConfig``: inner Adam, 512 sampled factor
-  locations per sample, factors every 10 steps, eigenbases every 50, layers with factors up to
-  512, 5 warm-up steps) with Adam's lr 3e-3. Before issue 13 (factors from every location)
-  a K-FAC step cost 15-25x an Adam step with factors every step, ~5x with factors and
-  eigenbases every 25 steps and inner Adam (lr 3e-3, kl_clip 1e-2): at 3200 samples inner Adam
-  gave 0.031, inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. ``analysis/bench_kfac_cost.py`` measures
-  the per-step cost of the defaults.
+- K-FAC: inner Adam lr 3e-3, damping 1e-3, kl_clip 1e-2, factor decay 0.95, factors and
+  eigenbases every 25 steps. At 3200 samples (factors every 10 steps) inner Adam gave 0.031,
+  inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. With factors every step a K-FAC step cost 15-25x
+  an Adam step (the A factor sums patch outer products over all 16^3 output locations), every
+  10 steps still ~10x; every 25 steps it is ~5x.
 
 - Gauss-Newton (``optim.name: gauss_newton``, issue 13): its defaults (lr 1, 10 CG iterations
   on a 4-sample curvature sub-batch, Levenberg-Marquardt damping from 1 x the first Rayleigh
@@ -67,10 +65,9 @@ but the tuned settings were not checked with it).
 
 Each run is a ``pdeds train`` subprocess (one process, ``--threads`` threads, 1 by default as
 the machine is shared) on launch/configs/quickstart.yaml with ``--set`` overrides, under ZeRO 0
-(K-FAC also runs under ZeRO 1 and 2). Runs whose summary.json exists are reused (delete the run
-directory to redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the
-1-minute load average to fall below ``--max-load`` and records the load seen before and after
-the run.
+(K-FAC's only stage). Runs whose summary.json exists are reused (delete the run directory to
+redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the 1-minute load
+average to fall below ``--max-load`` and records the load seen before and after the run.
 """
 
 from __future__ import annotations
@@ -94,7 +91,15 @@ METHODS: dict[str, list[str]] = {
         "optim.lbfgs.history_size=20",
         "optim.lbfgs.max_iter=4",
     ],
-    "kfac": ["optim.name=kfac", "optim.lr=3e-3"],
+    "kfac": [
+        "optim.name=kfac",
+        "optim.lr=3e-3",
+        "optim.kfac.inner=adam",
+        "optim.kfac.damping=1e-3",
+        "optim.kfac.kl_clip=1e-2",
+        "optim.kfac.factor_update_steps=25",
+        "optim.kfac.inv_update_steps=25",
+    ],
     "gauss_newton": ["optim.name=gauss_newton", "optim.lr=1.0"],
     "adam_lbfgs": [
         "optim.name=lbfgs",
@@ -129,15 +134,17 @@ PINNED = [
     "train.loss_weighting=none",
     "train.seed=0",
     "data.seed=0",
-    "train.time_limit=null",  # the step budget decides here, not the quickstart's clock
-    "schedule.cycle=single",  # one level: the quickstart's half-V replaced
+    "schedule.cycle=single",
     "schedule.levels=1",
     "schedule.resolutions=null",
     "schedule.level=[]",
+    "train.time_limit=0",
 ]
 """Training settings fixed here rather than taken from quickstart.yaml (which may change): the
 settings the optimizers were tuned with. A constant rate for all: L-BFGS's lr is its first trial
-step, which a decaying schedule would shrink to 0. ``--set`` overrides them."""
+step, which a decaying schedule would shrink to 0. One level at ``--res`` and no time budget
+(the quickstart's half-V schedule splits a wall-clock budget, which would decide the steps).
+``--set`` overrides them."""
 
 LBFGS_EVALS_PER_ITERATION = 1.08
 """Line-search evaluations per L-BFGS iteration measured in the tuning runs (the unit step is
@@ -154,15 +161,15 @@ def child(argv: list[str]) -> int:
     """Run ``pdeds <argv[1:]>`` recording each step's evaluations in the file ``argv[0]``.
 
     Wraps ``pdeds.train.step.engine_step`` (what the trainer's step calls): after each
-    optimizer step it appends the client
-    optimizer's ``evaluations_last_step`` (1 when it has none: one forward+backward of the
-    batch) as one line. The write is inside the trainer's timed region (microseconds a step).
+    optimizer step it appends the client optimizer's ``evaluations_last_step`` (1 when it has
+    none: one forward+backward of the batch) as one line. The write is inside the trainer's
+    timed region (microseconds a step).
     """
-    import pdeds.train.step as trainer
+    import pdeds.train.step as step
     from pdeds.cli import main as pdeds_main
     from pdeds.optim import client_optimizer
 
-    original = trainer.engine_step
+    original = step.engine_step
     log = open(argv[0], "w")  # noqa: SIM115 - open for the whole run
 
     def counted(engine, micro_batches, loss_fn):  # noqa: ANN001, ANN202 - same as engine_step
@@ -172,7 +179,7 @@ def child(argv: list[str]) -> int:
         log.flush()
         return loss
 
-    trainer.engine_step = counted
+    step.engine_step = counted
     try:
         return int(pdeds_main(argv[1:]) or 0)
     finally:
