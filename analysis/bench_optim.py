@@ -41,11 +41,13 @@ Tuned settings (the defaults in ``METHODS``), from short runs at res 16, width 8
   ``hold_steps`` 0 (full batch) when the batch is the whole training set, else 3 (12 iterations
   on one batch): after ~7800 evaluated samples hold 3 gave 0.064, hold 1 (4 iterations a
   batch) 0.071, both far behind Adam's 0.033 at 3200.
-- K-FAC: inner Adam lr 3e-3, damping 1e-3, kl_clip 1e-2, factor decay 0.95, factors and
-  eigenbases every 25 steps. At 3200 samples (factors every 10 steps) inner Adam gave 0.031,
-  inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. With factors every step a K-FAC step cost 15-25x
-  an Adam step (the A factor sums patch outer products over all 16^3 output locations), every
-  10 steps still ~10x; every 25 steps it is ~5x.
+- K-FAC: its defaults (``pdeds.optim.config.KFACConfig``: inner Adam, 512 sampled factor
+  locations per sample, factors every 10 steps, eigenbases every 50, layers with factors up to
+  512, 5 warm-up steps) with Adam's lr 3e-3. Before issue 13 (factors from every location)
+  a K-FAC step cost 15-25x an Adam step with factors every step, ~5x with factors and
+  eigenbases every 25 steps and inner Adam (lr 3e-3, kl_clip 1e-2): at 3200 samples inner Adam
+  gave 0.031, inner SGD (lr 3e-2, kl_clip 1e-3) 0.046. ``analysis/bench_kfac_cost.py`` measures
+  the per-step cost of the defaults.
 
 - Gauss-Newton (``optim.name: gauss_newton``, issue 13): its defaults (lr 1, 10 CG iterations
   on a 4-sample curvature sub-batch, Levenberg-Marquardt damping from 1 x the first Rayleigh
@@ -65,9 +67,10 @@ but the tuned settings were not checked with it).
 
 Each run is a ``pdeds train`` subprocess (one process, ``--threads`` threads, 1 by default as
 the machine is shared) on launch/configs/quickstart.yaml with ``--set`` overrides, under ZeRO 0
-(K-FAC's only stage). Runs whose summary.json exists are reused (delete the run directory to
-redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the 1-minute load
-average to fall below ``--max-load`` and records the load seen before and after the run.
+(K-FAC also runs under ZeRO 1 and 2). Runs whose summary.json exists are reused (delete the run
+directory to redo one). Before each run the script waits (up to ``--wait-s`` seconds) for the
+1-minute load average to fall below ``--max-load`` and records the load seen before and after
+the run.
 """
 
 from __future__ import annotations
@@ -91,15 +94,7 @@ METHODS: dict[str, list[str]] = {
         "optim.lbfgs.history_size=20",
         "optim.lbfgs.max_iter=4",
     ],
-    "kfac": [
-        "optim.name=kfac",
-        "optim.lr=3e-3",
-        "optim.kfac.inner=adam",
-        "optim.kfac.damping=1e-3",
-        "optim.kfac.kl_clip=1e-2",
-        "optim.kfac.factor_update_steps=25",
-        "optim.kfac.inv_update_steps=25",
-    ],
+    "kfac": ["optim.name=kfac", "optim.lr=3e-3"],
     "gauss_newton": ["optim.name=gauss_newton", "optim.lr=1.0"],
     "adam_lbfgs": [
         "optim.name=lbfgs",
