@@ -23,7 +23,8 @@ from trainer_util import write_tiny
 
 from pdeds.config import ExperimentConfig, build, dump_yaml
 from pdeds.data import fields, hdf5, integrity
-from pdeds.data.hdf5 import check_problem, read_coefficients, read_fields
+from pdeds.data.hdf5 import read_coefficients, read_fields
+from pdeds.data.problem import check_problem
 from pdeds.data.verify import verify
 from pdeds.errors import PdedsError
 

@@ -153,14 +153,14 @@ def test_quickstart_16_one_vs_two_ranks_zero0(tmp_path: Path):
 
 def test_null_loss_has_zero_gradient():
     """The held-batch step's stand-in backward: zero, and a gradient of zeros for every weight."""
-    from pdeds.optim.lbfgs import _null_loss
+    from pdeds.optim.lbfgs_engine import null_loss
 
     model, _, _ = _problem()
 
     class _Engine:
         module = model
 
-    loss = _null_loss(_Engine())
+    loss = null_loss(_Engine())
     loss.backward()
     assert float(loss) == 0.0
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())

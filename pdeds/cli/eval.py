@@ -83,7 +83,7 @@ def _check_held_out(cfg: Any, run_dir: Path, res: int, samples: int, batch: int,
     """Refuse, before anything is allocated, an evaluation whose held-out file does not match the
     run or whose held-out set, reference solve or forward would not fit in memory."""
     from pdeds.cli.predict import check_memory, forward_bytes
-    from pdeds.data.hdf5 import check_problem
+    from pdeds.data.problem import check_problem
     from pdeds.errors import PdedsError
     from pdeds.physics.reference import memory_problem
     from pdeds.train.evaluate import held_out_memory_problem

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pdeds.data import hdf5
     from pdeds.data.fields import FieldWriter
+    from pdeds.data.problem import check_problem
     from pdeds.data.xdmf import write_xdmf
     from pdeds.errors import PdedsError
     from pdeds.physics import kl
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     p = trained.cfg.problem
     check_resolution(trained, args.res)
     if args.coeffs is not None:
-        hdf5.check_problem(args.coeffs, p, key="--coeffs", samples=args.samples, settable=False)
+        check_problem(args.coeffs, p, key="--coeffs", samples=args.samples, settable=False)
         coeffs, meta = hdf5.read_coefficients(args.coeffs)
         coeffs = coeffs[: args.samples] if args.samples else coeffs
         seed = meta.get("seed")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pdeds.data.fields import FieldWriter, write_fields
 from pdeds.data.hdf5 import (
-    check_problem,
     open_checked,
     read_coefficients,
     read_fields,
     write_coefficients,
 )
+from pdeds.data.problem import check_problem
 from pdeds.data.summary import inspect
 from pdeds.data.verify import verify
 from pdeds.data.xdmf import write_xdmf

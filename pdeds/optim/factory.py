@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pdeds.optim import gauss_newton, lbfgs
+from pdeds.optim import gauss_newton, lbfgs, lbfgs_engine
 from pdeds.optim.first_order import build_first_order
 from pdeds.optim.kfac import build_kfac
 from pdeds.optim.switch import build_switched
@@ -60,7 +60,12 @@ OPTIMIZERS: dict[str, Registration] = {
     "adamw": Registration(build_first_order, (0, 1, 2, 3), offload=True, half=True),
     "sgd": Registration(build_first_order, (0, 1, 2, 3), offload=True, half=True),
     "lbfgs": Registration(
-        _lbfgs, lbfgs.ZERO_STAGES, offload=True, half=False, second_order=True, exact_gradient=True
+        _lbfgs,
+        lbfgs_engine.ZERO_STAGES,
+        offload=True,
+        half=False,
+        second_order=True,
+        exact_gradient=True,
     ),
     "kfac": Registration(build_kfac, (0, 1, 2), offload=False, half=False, second_order=True),
     "gauss_newton": Registration(
