@@ -57,13 +57,18 @@ class Phases:
         self._last = now
 
 
+def lifting_energy(nu: torch.Tensor, f: float) -> torch.Tensor:
+    """|J_h(g_b)| per sample: the energy of the Dirichlet lifting, the scale of loss_weighting
+    lifting (no gradient)."""
+    with torch.no_grad():
+        return fem.energy(fem.apply_dirichlet(torch.zeros_like(nu)), nu, f).abs()
+
+
 def micro_batch_loss(u: torch.Tensor, nu: torch.Tensor, f: float, weighting: str) -> torch.Tensor:
     """Mean of loss_b over the micro-batch of predictions ``u`` for ``nu``, in float32."""
     j = fem.energy(u.float(), nu, f)
     if weighting == "lifting":
-        with torch.no_grad():
-            scale = fem.energy(fem.apply_dirichlet(torch.zeros_like(nu)), nu, f).abs()
-        j = j / scale
+        j = j / lifting_energy(nu, f)
     return j.mean()
 
 
@@ -73,8 +78,7 @@ def output_curvature(nu: torch.Tensor, f: float, weighting: str) -> OutputCurvat
     left to the caller."""
     w = torch.ones(nu.shape[0], dtype=torch.float32, device=nu.device)
     if weighting == "lifting":
-        with torch.no_grad():
-            w = 1.0 / fem.energy(fem.apply_dirichlet(torch.zeros_like(nu)), nu, f).abs()
+        w = 1.0 / lifting_energy(nu, f)
     w = w.view((-1,) + (1,) * (nu.ndim - 1))
 
     def hessian(z: torch.Tensor) -> torch.Tensor:
