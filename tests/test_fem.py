@@ -165,6 +165,40 @@ def test_gradcheck_u_nu_f(shape: tuple[int, ...]) -> None:
     assert torch.autograd.gradcheck(lambda a, b: fem.energy(a, b, 0.3), (u, nu))
 
 
+def _root_matrix(nu: torch.Tensor) -> torch.Tensor:
+    """R of ``fem.stiffness_root_apply`` column by column (unit blocks z)."""
+    sizes: list[int] = []
+    fem.stiffness_root_apply(lambda like: sizes.append(like.numel()) or torch.zeros_like(like), nu)
+    cols = []
+    for j in range(sum(sizes)):
+        seen = [0]
+
+        def unit(like: torch.Tensor, j: int = j, seen: list[int] = seen) -> torch.Tensor:
+            z = torch.zeros(like.numel(), dtype=like.dtype)
+            if seen[0] <= j < seen[0] + like.numel():
+                z[j - seen[0]] = 1.0
+            seen[0] += like.numel()
+            return z.view(like.shape)
+
+        cols.append(fem.stiffness_root_apply(unit, nu).reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (3, 4, 3)])
+def test_stiffness_root_times_its_transpose_is_the_assembled_stiffness(shape) -> None:
+    """R R^T = K (independent assembly), and a sample v = R z is drawn reproducibly: the
+    curvature K-FAC's Gauss-Newton factors sample."""
+    _, nu, _ = _fields(shape, seed=5)
+    nu = nu[:1]
+    R = _root_matrix(nu)
+    K, _, _ = assemble_q1(nu[0, 0].numpy())
+    np.testing.assert_allclose((R @ R.T).numpy(), K, rtol=1e-12, atol=1e-12)
+    v1 = fem.stiffness_sample(nu, torch.Generator().manual_seed(7))
+    v2 = fem.stiffness_sample(nu, torch.Generator().manual_seed(7))
+    assert v1.shape == nu.shape and torch.equal(v1, v2)
+    assert not torch.equal(v1, fem.stiffness_sample(nu, torch.Generator().manual_seed(8)))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_stiffness_apply_and_diagonal(shape: tuple[int, ...]) -> None:
     u, nu, _ = _fields(shape, seed=3)

@@ -77,6 +77,30 @@ def test_conjugate_gradient_solves_the_damped_system():
     torch.testing.assert_close(gd, a @ d)
 
 
+def test_conjugate_gradient_from_a_warm_start():
+    """From x0 the products include G x0; from the solution itself CG stays there, and from a
+    nearby start 4 products get closer than 4 from 0."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(-2, 1, 12, dtype=torch.float64)) @ q.T
+    g = torch.randn(12, dtype=torch.float64)
+    want = -torch.linalg.solve(a + 0.5 * torch.eye(12, dtype=torch.float64), g)
+    calls = []
+
+    def apply(v):
+        calls.append(1)
+        return a @ v
+
+    d, gd = conjugate_gradient(apply, g, lambda p, gp: 0.5, iters=3, tol=1e-12, x0=want)
+    torch.testing.assert_close(d, want)
+    torch.testing.assert_close(gd, a @ d)
+    assert len(calls) == 1  # G x0, then the residual is ~0
+    near = want + 0.01 * torch.randn(12, dtype=torch.float64)
+    warm = conjugate_gradient(lambda v: a @ v, g, lambda p, gp: 0.5, 4, 0.0, x0=near)[0]
+    cold = conjugate_gradient(lambda v: a @ v, g, lambda p, gp: 0.5, 4, 0.0)[0]
+    assert (warm - want).norm() < 0.1 * (cold - want).norm()
+
+
 def test_curvature_sub_batch_is_the_same_set_for_any_split():
     """The first S global positions: 1 rank x 2 micro-batches of 4 vs 2 ranks x 2 of 2."""
     assert curvature_slices([4, 4], 5, 1, 0) == [4, 1]
@@ -87,6 +111,8 @@ def test_curvature_sub_batch_is_the_same_set_for_any_split():
 def test_config_refusals():
     with pytest.raises(PdedsError, match="cg_iters"):
         OptimConfig(name="gauss_newton", gauss_newton=GaussNewtonConfig(cg_iters=0)).validate()
+    with pytest.raises(PdedsError, match=r"warm_start: 1.0 must lie in \[0, 1\)"):
+        OptimConfig(name="gauss_newton", gauss_newton=GaussNewtonConfig(warm_start=1.0)).validate()
     from pdeds.optim import prepare_ds_config
 
     with pytest.raises(PdedsError, match="ZeRO stage 1"):
@@ -97,6 +123,8 @@ def test_config_refusals():
 
     with pytest.raises(PdedsError, match="model.norm: batch"):
         resolve(TINY, ["optim.name=gauss_newton", "model.norm=batch"])
+    with pytest.raises(PdedsError, match="model.norm: batch .*curvature: ggn needs"):
+        resolve(TINY, ["optim.name=kfac", "optim.kfac.curvature=ggn", "model.norm=batch"])
 
 
 # ---- through the trainer -----------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""K-FAC: factors against explicitly unfolded patches (all and sampled locations), the damped
-Kronecker inverse, the backward-hook preconditioning against the explicit one, ranks."""
+"""K-FAC: factors against explicitly unfolded patches (all and sampled locations), the
+Gauss-Newton factors against the assembled curvature, the damped Kronecker inverse, the
+backward-hook preconditioning against the explicit one, ranks."""
 
 from __future__ import annotations
 
@@ -221,6 +222,58 @@ def test_preconditioned_gradients_on_two_ranks_equal_one_rank(where):
         np.testing.assert_allclose(step_two, step_one, rtol=1e-9, atol=1e-13)
 
 
+def test_gauss_newton_factors_average_to_the_loss_curvature():
+    """curvature ggn: G from output cotangents v_b ~ N(0, w_b K_b) averages to the Gauss-Newton
+    factor 1/(N T) sum_{n,t} (dU_n/ds_t)^T w_n K_n (dU_n/ds_t), with K_n the assembled stiffness
+    (``reference.assemble``) and dU/ds from unit cotangents; A is the plain patch factor."""
+    from pdeds.physics import reference
+    from pdeds.train.step import lifting_energy, output_curvature
+
+    model = _net()
+    gen = torch.Generator().manual_seed(2)
+    nu = torch.exp(0.5 * torch.randn(2, 1, 4, 4, 4, generator=gen, dtype=F64))
+
+    class Loss:
+        @staticmethod
+        def curvature(idx):
+            return output_curvature(nu[torch.as_tensor(idx)], 0.0, "lifting")
+
+    pre = KFACPreconditioner(model, factor_decay=0.0, curvature="ggn")
+    draws = 600
+    for k in range(draws):
+        pre.seed, pre.factor_decay = k, k / (k + 1)  # the running mean of the draws' factors
+        pre.collect_curvature(model, [np.array([0, 1])], Loss)
+        pre._update_factors()
+    # exact: dU/ds of every layer output by unit cotangents at the output nodes
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda m_, i, o, n=n: outs.__setitem__(n, o))
+        for n, m in model.named_modules()
+        if n in pre.factors
+    ]
+    u = model(nu)
+    for h in hooks:
+        h.remove()
+    w = 1.0 / lifting_energy(nu, 0.0)
+    for name, y in outs.items():
+        g_exact = 0.0
+        for n in range(2):
+            K = torch.from_numpy(reference.assemble(nu[n, 0].numpy())[0].toarray())
+            jac = []
+            for i in range(u[n].numel()):
+                e = torch.zeros_like(u)
+                e[n].view(-1)[i] = 1.0
+                (gy,) = torch.autograd.grad(u, y, e, retain_graph=True)
+                jac.append(gy[n].reshape(gy.shape[1], -1))  # (C, T)
+            jac = torch.stack(jac)  # (nodes, C, T)
+            kj = torch.einsum("ij,jct->ict", w[n] * K, jac)
+            g_exact = g_exact + torch.einsum("ict,idt->cd", jac, kj)
+        g_exact = g_exact / (2 * y[0, 0].numel())
+        g_mc = pre.factors[name]["G"]
+        err = torch.linalg.norm(g_mc - g_exact) / torch.linalg.norm(g_exact)
+        assert err < 0.15, (name, float(err))
+
+
 # ---- through the trainer: ZeRO 0, 1, 2 on 2 ranks vs 1 -------------------------------------
 
 KFAC_TRAIN = [
@@ -241,14 +294,17 @@ def test_two_ranks_equal_one_rank_under_zero_0_1_2(tmp_path):
     partitions (ZeRO 1/2) it reproduces the 1-rank run (METHOD.md sec. 6)."""
     from trainer_util import train_cases
 
-    one = run_ranks(train_cases, 1, str(tmp_path / "one"), [("ref", KFAC_TRAIN)], timeout=240)
-    ref = one[0]["ref"]
+    ggn = [*KFAC_TRAIN, "optim.kfac.curvature=ggn"]
+    refs = [("ref", KFAC_TRAIN), ("ggn", ggn)]
+    one = run_ranks(train_cases, 1, str(tmp_path / "one"), refs, timeout=240)[0]
     cases = [
         (f"zero{s}", KFAC_TRAIN + [f"deepspeed.config=ds_configs/zero{s}.json"]) for s in (0, 1, 2)
     ]
+    cases.append(("ggn_zero1", [*ggn, "deepspeed.config=ds_configs/zero1.json"]))
     two = run_ranks(train_cases, 2, str(tmp_path / "two"), cases, timeout=400)[0]
-    assert ref["losses"][4] < ref["losses"][1]
     for name, _ in cases:
+        ref = one["ggn" if name.startswith("ggn") else "ref"]
+        assert ref["losses"][4] < ref["losses"][1]
         got = two[name]
         assert got["losses"].keys() == ref["losses"].keys(), name
         for step, loss in ref["losses"].items():
@@ -266,8 +322,10 @@ def test_defaults_lower_the_loss_from_the_first_steps(tmp_path):
     # one held batch (the 4 training samples), so that the losses of the steps compare; the
     # optim defaults (TINY sets lr 1e-4 for SGD)
     defaults = ["optim.name=kfac", "optim.lr=1e-3", "data.train_samples=4", "train.steps=10"]
-    cases = [("defaults", defaults)]
-    losses = run_ranks(train_cases, 1, str(tmp_path), cases, timeout=240)[0]["defaults"]["losses"]
-    first = losses[1]
-    assert all(loss < first for step, loss in losses.items() if step > 1), losses
-    assert losses[10] == min(losses.values()), losses
+    cases = [("defaults", defaults), ("ggn", [*defaults, "optim.kfac.curvature=ggn"])]
+    runs = run_ranks(train_cases, 1, str(tmp_path), cases, timeout=240)[0]
+    for name, _ in cases:
+        losses = runs[name]["losses"]
+        first = losses[1]
+        assert all(loss < first for step, loss in losses.items() if step > 1), (name, losses)
+        assert losses[10] == min(losses.values()), (name, losses)

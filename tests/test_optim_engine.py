@@ -170,6 +170,11 @@ def test_prepare_ds_config_patches_a_copy():
         (OptimConfig(name="foo"), _ds(), r"optim.name: 'foo' is not one of"),
         (OptimConfig(name="lbfgs", lbfgs=LBFGSConfig(history_size=0)), _ds(), "history_size"),
         (OptimConfig(name="kfac", kfac=KFACConfig(inner="lion")), _ds(), "optim.kfac.inner"),
+        (
+            OptimConfig(name="kfac", kfac=KFACConfig(curvature="fisher")),
+            _ds(),
+            r"optim.kfac.curvature: 'fisher' is not one of empirical, ggn",
+        ),
     ],
 )
 def test_prepare_ds_config_refuses(cfg, ds, match):

@@ -215,11 +215,17 @@ def test_optimizer_state_bytes_per_optimizer():
         (["optim.name=sgd"], 4.0),
         (["optim.name=sgd", "optim.momentum=0"], 0.0),
         (["optim.name=lbfgs", "optim.lbfgs.history_size=5"], 4.0 * 13),
+        (["optim.name=gauss_newton"], 8.0 * 8 + 12),
+        (["optim.name=gauss_newton", "optim.gauss_newton.warm_start=0.9"], 8.0 * 9 + 12),
     ):
         assert states.optimizer_bytes(resolve(None, over).cfg.optim)[0] == expect
     # K-FAC on one Linear(3, 2) with bias: A is 4 x 4, G is 2 x 2 (factors + eigenbases + values)
+    # and, with the default KL-clip, the 2 x 4 preconditioned gradient it keeps for the clip
     kfac = resolve(None, ["optim.name=kfac", "optim.kfac.inner=sgd"]).cfg.optim
-    assert states.optimizer_bytes(kfac, nn.Linear(3, 2)) == (4.0, 4.0 * (2 * (16 + 4) + 4 + 2))
+    factors = 4.0 * (2 * (16 + 4) + 4 + 2)
+    assert states.optimizer_bytes(kfac, nn.Linear(3, 2)) == (4.0, factors + 4.0 * 8)
+    kfac.kfac.kl_clip = 0.0
+    assert states.optimizer_bytes(kfac, nn.Linear(3, 2)) == (4.0, factors)
 
 
 def test_bucket_follows_the_deepspeed_json_and_deepspeeds_defaults():

@@ -245,6 +245,14 @@ class ExperimentConfig:
                 "Gauss-Newton's per-sample curvature would not be the loss's; use model.norm "
                 "group, instance or none with optim.name: gauss_newton"
             )
+        ggn = self.optim.name == "kfac" and self.optim.kfac.curvature == "ggn"
+        if ggn and self.model.norm in ("batch", "sync_batch"):
+            raise PdedsError(
+                f"model.norm: {self.model.norm} couples the samples of a micro-batch (and its "
+                "running statistics would see K-FAC's extra curvature forward), so "
+                "optim.kfac.curvature: ggn needs model.norm group, instance or none; or use "
+                "optim.kfac.curvature: empirical"
+            )
         if self.data.train_samples == 0:
             for i, lv in enumerate(self.schedule.level):
                 if lv.epochs is not None:

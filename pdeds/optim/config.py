@@ -21,6 +21,10 @@ from pdeds.optim.switch import validate as validate_switch
 KFAC_INNER = ("sgd", "adam", "adamw")
 """Torch optimizers K-FAC can precondition (``optim.kfac.inner``)."""
 
+KFAC_CURVATURE = ("empirical", "ggn")
+"""Whose second moment K-FAC's output factor G is (``optim.kfac.curvature``): the loss
+gradient's (empirical Fisher) or the loss's Gauss-Newton matrix, sampled (``KFACConfig``)."""
+
 KFAC_PRECONDITION = ("backward", "step")
 """Where K-FAC preconditions (``optim.kfac.precondition``): each rank's local gradient during
 backward, with the factors of earlier steps (ZeRO 0-2), or the reduced gradient in ``step()``,
@@ -59,8 +63,13 @@ class KFACConfig:
     """"backward": each rank's local gradient, before DeepSpeed reduces it, with the factors of
     earlier steps (ZeRO 0-2); "step": the reduced gradient in step() with this step's factors
     (ZeRO 0 only)."""
+    curvature: str = "empirical"
+    """"empirical": G from the loss gradient at each layer's output (it vanishes as the loss
+    reaches its minimum); "ggn": G from the loss's own curvature, J^T (w K) J with K the
+    stiffness, sampled by one extra forward/backward of the batch on factor steps with
+    cotangents v ~ N(0, w K) (``KFACPreconditioner.collect_curvature``)."""
     seed: int = 0
-    """Seed of the factor location draws."""
+    """Seed of the factor location (and curvature cotangent) draws."""
 
 
 @dataclass
@@ -168,3 +177,4 @@ def validate_kfac(c: KFACConfig) -> None:
     _at_least("optim.kfac.kl_clip", c.kl_clip, 0.0)
     _one_of("optim.kfac.inner", c.inner, KFAC_INNER)
     _one_of("optim.kfac.precondition", c.precondition, KFAC_PRECONDITION)
+    _one_of("optim.kfac.curvature", c.curvature, KFAC_CURVATURE)

@@ -74,6 +74,7 @@ def build_kfac(model: nn.Module, cfg: Any, ds: dict | None = None) -> torch.opti
         warmup_steps=c.warmup_steps,
         kl_clip=c.kl_clip,
         precondition=c.precondition,
+        curvature=c.curvature,
         seed=c.seed,
     )
     pre.attach(opt)
@@ -114,12 +115,15 @@ class KFACPreconditioner:
         warmup_steps: int = 0,
         kl_clip: float = 0.0,
         precondition: str = "step",
+        curvature: str = "empirical",
         seed: int = 0,
     ) -> None:
         self.damping, self.factor_decay, self.kl_clip = damping, factor_decay, kl_clip
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         self.factor_locations, self.warmup_steps = factor_locations, warmup_steps
         self.in_backward, self.seed = precondition == "backward", seed
+        self.ggn = curvature == "ggn"
+        self._pass: list[tuple] | None = None
         self.layers = preconditioned_layers(model, max_factor_dim)
         self.steps = 0
         self.factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -146,15 +150,19 @@ class KFACPreconditioner:
 
     # ---- statistics -----------------------------------------------------------------------
 
+    def _key(self, *parts: int) -> int:
+        """A seed from (seed, step, parts): the same on every rank."""
+        key = self.seed * 1_000_003 + self.steps
+        for p in parts:
+            key = key * 1_000_003 + p
+        return key % (1 << 62)
+
     def _locations(self, index: int, y: torch.Tensor) -> torch.Tensor | None:
         """The L output locations of layer ``index`` this step (None = all T)."""
         t = math.prod(y.shape[2:]) if y.dim() > 2 else 1
         if self.factor_locations == 0 or self.factor_locations >= t:
             return None
-        key = (((self.seed * 1_000_003 + self.steps) * 1_000_003 + index) * 1_000_003 + t) % (
-            1 << 62
-        )
-        gen = torch.Generator().manual_seed(key)
+        gen = torch.Generator().manual_seed(self._key(index, t))
         picked = torch.randperm(t, generator=gen)[: self.factor_locations]
         return picked.sort().values.to(y.device)
 
@@ -167,34 +175,84 @@ class KFACPreconditioner:
                 or _in_backward()
             ):
                 return
-            if self.collecting():
+            if self._pass is not None:  # a Gauss-Newton factor pass (collect_curvature)
+                self._pass.append((index, h, inputs[0], output))
+                return
+            if self.collecting() and not self.ggn:
                 self._collect(index, h, inputs[0], output)
             if self.in_backward and "evec_A" in self.factors.get(h.name, {}):
                 self._hook_node(h, output)
 
         return hook
 
-    def _collect(self, index: int, h: LayerHelper, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add this call's A sum now and its G sum when y's gradient arrives."""
+    @torch.no_grad()
+    def _input_sum(
+        self, index: int, h: LayerHelper, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """This call's locations and its A sum sum_{n,t} a a^T (scaled by T / L when sampled)."""
         where = self._locations(index, y)
-        with torch.no_grad():
-            dtype = _factor_dtype(x.dtype)
-            a = h.patches(x.detach().to(dtype), y.detach(), where)
-            a_outer = a.T @ a
-            if where is not None:
-                a_outer *= math.prod(y.shape[2:]) / len(where)
-        n = x.shape[0]
+        a = h.patches(x.detach().to(_factor_dtype(x.dtype)), y.detach(), where)
+        a_outer = a.T @ a
+        if where is not None:
+            a_outer *= math.prod(y.shape[2:]) / len(where)
+        return where, a_outer
 
-        def grad_hook(gy: torch.Tensor) -> None:
-            with torch.no_grad():
-                g = h.output_rows(gy.detach().to(dtype), where)
-                acc = self._sums.setdefault(h.name, {"A": 0.0, "G": 0.0, "samples": 0, "rows": 0})
-                acc["A"] = acc["A"] + a_outer
-                acc["G"] = acc["G"] + g.T @ g
-                acc["samples"] += n
-                acc["rows"] += g.shape[0]
+    @torch.no_grad()
+    def _add(
+        self, h: LayerHelper, a_outer: torch.Tensor, gy: torch.Tensor, where: Any, n: int
+    ) -> None:
+        """Add one call's A sum and the G sum of its output gradient ``gy`` (n samples)."""
+        g = h.output_rows(gy.detach().to(a_outer.dtype), where)
+        acc = self._sums.setdefault(h.name, {"A": 0.0, "G": 0.0, "samples": 0, "rows": 0})
+        acc["A"] = acc["A"] + a_outer
+        acc["G"] = acc["G"] + g.T @ g
+        acc["samples"] += n
+        acc["rows"] += g.shape[0]
 
-        y.register_hook(grad_hook)
+    def _collect(self, index: int, h: LayerHelper, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add this call's A sum and its G sum when y's gradient (the loss's) arrives."""
+        where, a_outer = self._input_sum(index, h, x, y)
+        y.register_hook(lambda gy: self._add(h, a_outer, gy, where, x.shape[0]))
+
+    def collect_curvature(self, engine: Any, micro_batches: Any, loss_fn: Callable) -> None:
+        """``curvature: ggn``: on a factor step, the statistics of the loss's Gauss-Newton
+        matrix J^T (w K) J instead of the empirical Fisher.
+
+        For each of this rank's micro-batches: one forward of ``engine.module`` (hooks record
+        every layer's input and output), then one backward of the cotangent v_b / N_r at the
+        output, v_b ~ N(0, w_b K_b) drawn from (seed, step, sample id) (``OutputCurvature.sample``,
+        ``fem.stiffness_sample``), to the layer outputs only (no parameter gradient is formed or
+        reduced). Then E[Ds Ds^T] = (dU/ds)^T w K (dU/ds) at each location: G is the sampled
+        Gauss-Newton factor (Martens & Grosse's "K-FAC with sampled curvature"). N_r = the rank's
+        samples of the step, the scale ``_update_factors`` undoes, as for the loss's gradient.
+        """
+        if not self.ggn or not self.collecting():
+            return
+        if not callable(getattr(loss_fn, "curvature", None)):
+            raise PdedsError(
+                "optim.kfac.curvature ggn needs the loss's output curvature (loss_fn.curvature); "
+                "build the loss with pdeds.train.step.make_loss_fn, or use curvature empirical"
+            )
+        module = getattr(engine, "module", engine)  # not the engine: no backward hooks of its
+        dtype = next(module.parameters()).dtype
+        n_r = sum(len(mb) for mb in micro_batches)
+        for mb in micro_batches:
+            c = loss_fn.curvature(mb)
+            self._pass = []
+            try:
+                with torch.enable_grad():
+                    u = module(c.inputs.to(dtype))
+                records = self._pass
+            finally:
+                self._pass = None
+            v = c.sample([self._key(int(i)) for i in mb]) / n_r
+            grads = torch.autograd.grad(
+                u, [r[3] for r in records], v.to(u.dtype), allow_unused=True
+            )
+            for (index, h, x, y), gy in zip(records, grads, strict=True):
+                if gy is not None:
+                    where, a_outer = self._input_sum(index, h, x, y)
+                    self._add(h, a_outer, gy, where, x.shape[0])
 
     def _update_factors(self) -> None:
         """Reduce this step's factor sums over ranks (one all-reduce) and update the averages."""

@@ -9,7 +9,9 @@ averages over ranks, so the accumulated gradient is that of the global-batch mea
     L(theta) = 1 / (W * M) * sum_{ranks r} sum_{micro-batches m} loss_fn(mb_{r,m}).
 
 - First-order optimizers and K-FAC (``needs_engine_step(opt)`` is False): the standard
-  DeepSpeed loop, ``for mb in micro_batches: engine.backward(loss_fn(mb)); engine.step()``.
+  DeepSpeed loop, ``for mb in micro_batches: engine.backward(loss_fn(mb)); engine.step()``
+  (K-FAC with ``curvature: ggn`` first runs its factor pass on factor steps,
+  ``KFACPreconditioner.collect_curvature``).
 - L-BFGS (and any optimizer with ``needs_closure = True``) evaluates L and its gradient several
   times per step (line search). ``engine_step(engine, micro_batches, loss_fn)`` performs one
   whole optimizer step: every evaluation is a forward+backward of all micro-batches through the
@@ -69,6 +71,9 @@ def engine_step(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn) -> f
         loss_fn: scalar loss of one micro-batch, computed through ``engine(...)``.
     """
     opt = client_optimizer(engine)
+    pre = getattr(opt, "kfac", None)
+    if pre is not None:
+        pre.collect_curvature(engine, micro_batches, loss_fn)
     if needs_engine_step(opt):
         return float(opt.engine_step(engine, micro_batches, loss_fn))
     return standard_step(engine, micro_batches, loss_fn)

@@ -200,6 +200,44 @@ def stiffness_apply(u: Field, nu: Field) -> Field:
     return _gradient_energy_backward(u, nu.to(u.dtype), False)[0]
 
 
+def stiffness_root_apply(z: Callable[[Field], Field], nu: Field) -> Field:
+    """v = R z with R R^T = K: the square root of the stiffness that the energy's form gives.
+
+    The gradient part of J_h is 1/2 U^T K U = 1/2 sum_k sum_s |J| < S_k T_s nu, (T_s D_k U)^2 >
+    (module docstring), so K = R R^T with R = [ (T_s D_k)^T diag(sqrt(|J| S_k T_s nu)) ]_{k,s}:
+    one element-sized block per axis k and Gauss position s. ``z(like)`` returns block z_{k,s}
+    (called in a fixed order, with a field shaped like the block); v = sum_{k,s} (T_s D_k)^T
+    (sqrt(|J| S_k T_s nu) z_{k,s}). Drawing every z_{k,s} from N(0, I) gives v ~ N(0, K): the
+    sampled curvature K-FAC's Gauss-Newton factors use.
+    """
+    _check_fields(nu, nu)
+    h = _spacing(nu)
+    jac = _jacobian(h)
+    axes = list(range(2, nu.ndim))
+
+    def blocks(w: Field, rest: list[int]) -> Field:
+        if not rest:
+            return (jac * w).clamp_min(0).sqrt() * z(w)
+        ax, more = rest[0], rest[1:]
+        return sum(_tap_adjoint(blocks(_tap(w, ax, 1 - t, t), more), ax, 1 - t, t) for t in GAUSS)
+
+    v = torch.zeros_like(nu)
+    for k in axes:
+        inner = blocks(_tap(nu, k, 1.0, 1.0), [x for x in axes if x != k])
+        v += _tap_adjoint(inner, k, -1.0 / h[k - 2], 1.0 / h[k - 2])
+    return v
+
+
+def stiffness_sample(nu: Field, generator: torch.Generator) -> Field:
+    """v ~ N(0, K) for one nu (batch 1): ``stiffness_root_apply`` with z_{k,s} drawn from
+    ``generator`` (a CPU generator: the draw is the same on every device)."""
+
+    def draw(like: Field) -> Field:
+        return torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like)
+
+    return stiffness_root_apply(draw, nu)
+
+
 def stiffness_diagonal(nu: Field) -> Field:
     """diag(K) as a nodal field: the two-tap adjoints applied with squared coefficients."""
     h = _spacing(nu)

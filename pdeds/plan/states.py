@@ -70,7 +70,12 @@ def optimizer_bytes(optim: Any, model: Any = None) -> tuple[float, float]:
     adam/adamw: two moments, 8 B. sgd: momentum buffer, 4 B (0 without momentum). lbfgs: m
     pairs (s, y) and three flat work vectors, 4 (2m + 3) B. kfac: its inner optimizer's bytes plus
     the Kronecker factors A, G, their eigenvectors and eigenvalues, 4 (2 (a^2 + g^2) + a + g) B per
-    layer (a, g the factor sizes; needs ``model``).
+    layer (a, g the factor sizes; needs ``model``), and with the KL-clip in backward mode the
+    layer's preconditioned gradient V kept for the clip, 4 a g B (under ZeRO 1/2 its all-reduce
+    copies it once more for a moment: not counted). gauss_newton: the float64 flat vectors of a
+    step (gradient, CG's d, G d, r, p, G p, (G + lambda) p, the product's sum; the previous
+    solution with ``warm_start``) and three fp32 copies (start point, tangents, VJP), 8 x 8 + 12 B
+    (+ 8).
     """
     name = optim.name
     if name in ("adam", "adamw"):
@@ -79,13 +84,17 @@ def optimizer_bytes(optim: Any, model: Any = None) -> tuple[float, float]:
         return (4.0 if optim.momentum > 0 else 0.0), 0.0
     if name == "lbfgs":
         return 4.0 * (2 * optim.lbfgs.history_size + 3), 0.0
+    if name == "gauss_newton":
+        return 8.0 * (8 + (optim.gauss_newton.warm_start > 0)) + 12.0, 0.0
     inner = 8.0 if optim.kfac.inner in ("adam", "adamw") else (4.0 if optim.momentum > 0 else 0.0)
     extra = 0.0
     if model is not None:
         from pdeds.optim.kfac_layers import preconditioned_layers
 
+        clip = optim.kfac.kl_clip > 0 and optim.kfac.precondition == "backward"
         for h in preconditioned_layers(model, optim.kfac.max_factor_dim):
             extra += 4.0 * (2 * (h.a_dim**2 + h.g_dim**2) + h.a_dim + h.g_dim)
+            extra += 4.0 * h.a_dim * h.g_dim * clip
     return inner, extra
 
 

@@ -84,7 +84,15 @@ def output_curvature(nu: torch.Tensor, f: float, weighting: str) -> OutputCurvat
     def hessian(z: torch.Tensor) -> torch.Tensor:
         return w.to(z.dtype) * fem.stiffness_apply(z, nu)
 
-    return OutputCurvature(nu, hessian)
+    def sample(keys: Sequence[int]) -> torch.Tensor:
+        """v_b = sqrt(w_b) R_b z_b ~ N(0, w_b K_b), z_b drawn from the seed keys[b]."""
+        v = [
+            fem.stiffness_sample(nu[b : b + 1], torch.Generator().manual_seed(int(key)))
+            for b, key in enumerate(keys)
+        ]
+        return w.sqrt().to(nu.dtype) * torch.cat(v)
+
+    return OutputCurvature(nu, hessian, sample)
 
 
 def make_loss_fn(
