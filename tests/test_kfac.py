@@ -239,7 +239,7 @@ def test_gauss_newton_factors_average_to_the_loss_curvature():
             return output_curvature(nu[torch.as_tensor(idx)], 0.0, "lifting")
 
     pre = KFACPreconditioner(model, factor_decay=0.0, curvature="ggn")
-    draws = 600
+    draws = 200  # measured at 600: rel errors 0.002-0.024
     for k in range(draws):
         pre.seed, pre.factor_decay = k, k / (k + 1)  # the running mean of the draws' factors
         pre.collect_curvature(model, [np.array([0, 1])], Loss)
@@ -255,22 +255,23 @@ def test_gauss_newton_factors_average_to_the_loss_curvature():
     for h in hooks:
         h.remove()
     w = 1.0 / lifting_energy(nu, 0.0)
+    names, ys = list(outs), list(outs.values())
+    g_exact = {name: 0.0 for name in names}
+    for n in range(2):
+        K = w[n] * torch.from_numpy(reference.assemble(nu[n, 0].numpy())[0].toarray())
+        jac: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for i in range(u[n].numel()):
+            e = torch.zeros_like(u)
+            e[n].view(-1)[i] = 1.0
+            for name, gy in zip(names, torch.autograd.grad(u, ys, e, retain_graph=True)):
+                jac[name].append(gy[n].reshape(gy.shape[1], -1))  # (C, T)
+        for name in names:
+            j = torch.stack(jac[name])  # (nodes, C, T)
+            g_exact[name] = g_exact[name] + torch.einsum("ict,ij,jdt->cd", j, K, j)
     for name, y in outs.items():
-        g_exact = 0.0
-        for n in range(2):
-            K = torch.from_numpy(reference.assemble(nu[n, 0].numpy())[0].toarray())
-            jac = []
-            for i in range(u[n].numel()):
-                e = torch.zeros_like(u)
-                e[n].view(-1)[i] = 1.0
-                (gy,) = torch.autograd.grad(u, y, e, retain_graph=True)
-                jac.append(gy[n].reshape(gy.shape[1], -1))  # (C, T)
-            jac = torch.stack(jac)  # (nodes, C, T)
-            kj = torch.einsum("ij,jct->ict", w[n] * K, jac)
-            g_exact = g_exact + torch.einsum("ict,idt->cd", jac, kj)
-        g_exact = g_exact / (2 * y[0, 0].numel())
+        g_exact[name] = g_exact[name] / (2 * y[0, 0].numel())
         g_mc = pre.factors[name]["G"]
-        err = torch.linalg.norm(g_mc - g_exact) / torch.linalg.norm(g_exact)
+        err = torch.linalg.norm(g_mc - g_exact[name]) / torch.linalg.norm(g_exact[name])
         assert err < 0.15, (name, float(err))
 
 
