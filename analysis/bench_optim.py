@@ -53,6 +53,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "analysis"))
+
+from bench_multigrid import best_until, first_reach  # noqa: E402 - the same target rules
 
 METHODS: dict[str, list[str]] = {
     "adam": ["optim.name=adam", "optim.lr=3e-3", "train.lr_schedule=cosine"],
@@ -201,17 +204,6 @@ def capped(method: str, batch: int, args: argparse.Namespace, step_s: dict) -> l
     every = max(1, int(steps / args.evals))
     own += [f"train.eval_every={every}", f"train.log_every={every}"]
     return overrides(method, batch, args, own)
-
-
-def first_reach(c: list[dict], target: float) -> dict | None:
-    """The first evaluation at or below target (None: never)."""
-    return next((r for r in c if r["val_rel_l2_mean"] <= target), None)
-
-
-def best_until(c: list[dict], t: float) -> float:
-    """Best error evaluated by training time t (the first evaluation's if none was by then)."""
-    early = [r["val_rel_l2_mean"] for r in c if r["train_s"] <= t]
-    return min(early) if early else c[0]["val_rel_l2_mean"]
 
 
 def result(c: list[dict], run_dir: Path, targets: list[float], adam: dict | None) -> dict:

@@ -68,7 +68,8 @@ class GaussNewtonConfig:
     """Halvings of a step that did not lower the loss before it is dropped."""
     warm_start: float = 0.0
     """CG starts from warm_start x the previous step's CG solution (Martens' Hessian-free
-    "momentum", e.g. 0.95; it costs one product, counted in cg_iters); 0 = from d = 0."""
+    "momentum", e.g. 0.95; it costs one product, counted in cg_iters, so it needs cg_iters >= 2
+    and is not used with 1); 0 = from d = 0."""
 
 
 @dataclass
@@ -199,9 +200,9 @@ def conjugate_gradient(
     p = r.clone()
     rr = float(r @ r)
     stop = (tol * math.sqrt(float(g @ g))) ** 2
+    if x0 is not None and rr <= stop:  # the start already solves the system
+        return d, gd
     for _ in range(iters):
-        if x0 is not None and rr <= stop:  # the start already solves the system
-            break
         gp = apply(p)
         if lam is None:
             lam = damping(p, gp)
