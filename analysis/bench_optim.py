@@ -60,7 +60,20 @@ from bench_multigrid import best_until, first_reach  # noqa: E402 - the same tar
 METHODS: dict[str, list[str]] = {
     "adam": ["optim.name=adam", "optim.lr=3e-3", "train.lr_schedule=cosine"],
     "kfac": ["optim.name=kfac", "optim.lr=3e-3", "train.lr_schedule=cosine"],
-    "kfac_lr1e-2": ["optim.name=kfac", "optim.lr=1e-2", "train.lr_schedule=cosine"],
+    "kfac_absolute": [
+        "optim.name=kfac",
+        "optim.lr=3e-3",
+        "optim.kfac.damping_mode=absolute",
+        "optim.kfac.damping=1e-3",
+        "optim.kfac.factor_decay=0.95",
+        "train.lr_schedule=cosine",
+    ],
+    "kfac_mean": [
+        "optim.name=kfac",
+        "optim.lr=3e-3",
+        "optim.kfac.factor_average=mean",
+        "train.lr_schedule=cosine",
+    ],
     "kfac_ggn": [
         "optim.name=kfac",
         "optim.lr=3e-3",
@@ -86,10 +99,13 @@ METHODS: dict[str, list[str]] = {
 """``--set`` overrides of each contender (edit here; ``--method-set`` adds to one):
 
 - adam: lr 3e-3 (best of 1e-3, 3e-3, 1e-2 in short constant-rate runs), cosine over the cap.
-- kfac: K-FAC's defaults (``pdeds.optim.config.KFACConfig``: inner Adam, factors every 10
-  steps, eigenbases every 50, 5 warm-up steps) at Adam's lr, cosine over the cap.
-- kfac_lr1e-2: kfac at its own best rate of 3e-3 and 1e-2 (2-D 64^2, 60 s runs: 0.0961 and
-  0.0860; Adam at 1e-2: 0.204, at 3e-3: 0.142).
+- kfac: K-FAC's defaults (``pdeds.optim.config.KFACConfig``: inner Adam, relative damping 3e-2,
+  factor decay 0.99, factors every 10 steps, eigenbases every 50, 5 warm-up steps) at Adam's lr,
+  cosine over the cap.
+- kfac_absolute: the defaults of issue 13's first stop (absolute damping 1e-3, factor decay
+  0.95), at Adam's lr.
+- kfac_mean: kfac whose factor average starts as the plain mean of the updates
+  (``optim.kfac.factor_average: mean``).
 - kfac_ggn: kfac with the factors' output curvature from the Gauss-Newton (GGN) matrix
   (``optim.kfac.curvature: ggn``).
 - lbfgs: lr 1 (the quasi-Newton step), history 20, max_iter 4, constant rate; ``hold_steps``

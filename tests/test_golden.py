@@ -50,6 +50,9 @@ KFAC_BEFORE_13 = [
     "optim.kfac.factor_locations=0",
     "optim.kfac.warmup_steps=0",
     "optim.kfac.max_factor_dim=0",
+    "optim.kfac.damping_mode=absolute",
+    "optim.kfac.damping=1e-3",
+    "optim.kfac.factor_decay=0.95",
 ]
 """The K-FAC the curve was written with (issue 13 changed the defaults): the reduced gradient
 preconditioned in step() with this step's factors from every location, inner SGD, no warm-up."""

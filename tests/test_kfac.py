@@ -95,21 +95,76 @@ def test_factors_equal_explicit_patch_expectations(kind):
         torch.testing.assert_close(st["G"], g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
 @pytest.mark.parametrize("kind", ["conv3d", "conv_transpose3d"])
-def test_preconditioned_gradient_is_the_damped_kronecker_inverse(kind):
+def test_preconditioned_gradient_is_the_damped_kronecker_inverse(kind, mode):
+    """(G (x) A + gamma I)^-1 grad by a dense solve; relative: gamma = damping * the layer's
+    mean eigenvalue product, (tr A / dim A)(tr G / dim G), from the factors themselves."""
     torch.manual_seed(1)
     layer = LAYERS[kind]().to(F64)
     x = torch.randn(2, 2, 4, 4, 2, dtype=F64)
-    gamma = 0.05
-    pre = KFACPreconditioner(layer, damping=gamma)
+    damping = 0.05
+    pre = KFACPreconditioner(layer, damping=damping, damping_mode=mode)
     (layer(x) ** 3).mean().backward()
     helper = LayerHelper("layer", layer)
     grad = helper.grad_matrix().clone()
     pre.precondition_reduced(lr=0.1)
     st = pre.factors[""]
+    gamma = damping
+    if mode == "relative":
+        mean_a = torch.trace(st["A"]) / st["A"].shape[0]
+        mean_g = torch.trace(st["G"]) / st["G"].shape[0]
+        gamma = damping * float(mean_a * mean_g)
+        assert abs(gamma / damping - 1) > 0.1  # the test distinguishes the two modes
     fisher = torch.kron(st["G"], st["A"]) + gamma * torch.eye(grad.numel(), dtype=F64)
     expected = torch.linalg.solve(fisher, grad.reshape(-1)).reshape(grad.shape)
     torch.testing.assert_close(helper.grad_matrix(), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("average", ["mean", "ema"])
+def test_factor_average_is_the_mean_of_the_updates_then_an_ema(average):
+    """factor_average mean: after k updates (xi = 0.99) A and G are the plain means of the k
+    batches' explicit factors; ema: the first batch's weight is xi^(k-1), the others' (1 - xi)."""
+    torch.manual_seed(5)
+    layer = nn.Conv3d(2, 3, 3, padding=1).to(F64)
+    c = torch.rand(1, 3, 3, 4, 3, dtype=F64) + 0.5
+    pre = KFACPreconditioner(layer, factor_decay=0.99, factor_average=average)
+    refs = []
+    for _ in range(3):
+        x = torch.randn(2, 2, 3, 4, 3, dtype=F64)
+        (0.5 * c * layer(x) ** 2).flatten(1).sum(1).mean().backward()
+        pre.precondition_reduced(lr=0.1)
+        layer.zero_grad()
+        refs.append(_explicit_factors(layer, x, c))
+    if average == "mean":
+        weights = [1 / 3] * 3
+    else:
+        weights = [0.99**2, 0.01 * 0.99, 0.01]
+    for i, key in enumerate("AG"):
+        want = sum(w * r[i] for w, r in zip(weights, refs, strict=True))
+        torch.testing.assert_close(pre.factors[""][key], want, rtol=1e-12, atol=1e-12)
+
+
+def test_relative_damping_does_not_depend_on_the_loss_scale():
+    """Loss c J: G and the gradient scale by c^2 and c, so with gamma relative to the factors
+    the preconditioned gradient is V / c for every c; a fixed gamma changes its direction."""
+    torch.manual_seed(4)
+    layer = nn.Conv3d(2, 3, 3, padding=1).to(F64)
+    x = torch.randn(2, 2, 3, 4, 3, dtype=F64)
+    helper = LayerHelper("layer", layer)
+    for mode in ("relative", "absolute"):
+        scaled = []
+        for c in (1.0, 1e3):
+            pre = KFACPreconditioner(layer, damping=0.05, damping_mode=mode)
+            (c * (layer(x) ** 3).mean()).backward()
+            pre.precondition_reduced(lr=0.1)
+            scaled.append(c * helper.grad_matrix())
+            pre.remove_hooks()
+            layer.zero_grad()
+        if mode == "relative":
+            torch.testing.assert_close(scaled[1], scaled[0], rtol=1e-9, atol=0)
+        else:
+            assert not torch.allclose(scaled[1], scaled[0], rtol=1e-2)
 
 
 def test_checkpointed_recomputation_is_not_counted_twice():

@@ -25,6 +25,13 @@ KFAC_CURVATURE = ("empirical", "ggn")
 """Whose second moment K-FAC's output factor G is (``optim.kfac.curvature``): the loss
 gradient's (empirical Fisher) or the loss's Gauss-Newton matrix, sampled (``KFACConfig``)."""
 
+KFAC_DAMPING = ("absolute", "relative")
+"""How ``optim.kfac.damping`` sets each layer's gamma: as it is, or times the layer's mean
+eigenvalue product (``KFACConfig.damping_mode``)."""
+
+KFAC_AVERAGE = ("ema", "mean")
+"""How the factor running average starts (``KFACConfig.factor_average``)."""
+
 KFAC_PRECONDITION = ("backward", "step")
 """Where K-FAC preconditions (``optim.kfac.precondition``): each rank's local gradient during
 backward, with the factors of earlier steps (ZeRO 0-2), or the reduced gradient in ``step()``,
@@ -38,10 +45,25 @@ class KFACConfig:
 
     inner: str = "adam"
     """Torch optimizer that steps on the preconditioned gradient: sgd | adam | adamw."""
-    damping: float = 1e-3
-    """Tikhonov damping gamma: the step is (A (x) G + gamma I)^-1 applied to the gradient."""
-    factor_decay: float = 0.95
-    """Running-average weight xi: A <- xi A + (1 - xi) A_batch (the same for G)."""
+    damping: float = 3e-2
+    """Tikhonov damping: the step is (A (x) G + gamma I)^-1 applied to the gradient, gamma set
+    by ``damping_mode`` from this number."""
+    damping_mode: str = "relative"
+    """"relative": gamma_l = damping * (tr A_l / dim A_l)(tr G_l / dim G_l), a fraction of the
+    layer's mean curvature, so it does not depend on the loss's scale or the resolution (A sums
+    over output locations); "absolute": gamma = damping for every layer (the default before
+    relative damping: absolute 1e-3 with factor_decay 0.95)."""
+    factor_decay: float = 0.99
+    """Running-average weight xi: A <- xi A + (1 - xi) A_batch (the same for G); 0.99 at one
+    update per 10 steps averages over the last ~1000 steps (sampled factors are noisy: 0.95 was
+    slower to Adam's error at 2-D 128^2, analysis/bench_optim.py)."""
+    factor_average: str = "ema"
+    """"ema": the first update's factors, then A <- xi A + (1 - xi) A_batch (the first batch
+    keeps a weight of 1 / (1 - xi) updates: a preconditioner that stays near its first
+    estimate); "mean": the weight min(xi, k / (k + 1)) at the k-th update after the first, the
+    plain mean of the updates until the average spans 1 / (1 - xi) of them (Martens & Grosse
+    2015). Measured (analysis/bench_optim.py): "mean" is better in 3-D 32^3 (batch 64: Adam's
+    final error in 0.56 of its time, where "ema" does not reach it) and worse at 2-D 128^2."""
     factor_update_steps: int = 10
     """Recompute A, G (forward/backward hooks run) every this many optimizer steps."""
     inv_update_steps: int = 50
@@ -178,3 +200,5 @@ def validate_kfac(c: KFACConfig) -> None:
     _one_of("optim.kfac.inner", c.inner, KFAC_INNER)
     _one_of("optim.kfac.precondition", c.precondition, KFAC_PRECONDITION)
     _one_of("optim.kfac.curvature", c.curvature, KFAC_CURVATURE)
+    _one_of("optim.kfac.damping_mode", c.damping_mode, KFAC_DAMPING)
+    _one_of("optim.kfac.factor_average", c.factor_average, KFAC_AVERAGE)

@@ -9,7 +9,8 @@ over the N samples of the global batch and their T output locations; Ds is the g
 per-sample loss J_n at the layer output (the empirical Fisher, as kfac-pytorch). Cheap factors:
 the sums over t run over L = ``factor_locations`` locations drawn from (seed, step, layer, T),
 the same on every rank and for every sample (A's sum is scaled by T / L), and only every
-``factor_update_steps`` steps; running averages A <- xi A + (1 - xi) A_batch (same for G);
+``factor_update_steps`` steps; running averages A <- xi A + (1 - xi) A_batch (same for G;
+``factor_average: mean`` uses min(xi, k / (k + 1)) at the k-th update after the first);
 eigendecompositions A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T every ``inv_update_steps``,
 spread over the ranks (``kfac_distributed``). The preconditioned gradient of a layer is the
 damped Kronecker inverse
@@ -17,7 +18,14 @@ damped Kronecker inverse
     V = P dW_mat = (G (x) A + gamma I)^-1 dW_mat
       = Q_G [(Q_G^T dW_mat Q_A) / (l_G l_A^T + gamma)] Q_A^T,
 
-and the whole step is scaled by the KL-clip nu = min(1, sqrt(kl_clip / (lr^2 S))),
+with gamma = ``damping`` ("absolute") or, "relative", gamma_l = damping * mean(l_A) mean(l_G)
+= damping (tr A / dim A)(tr G / dim G) per layer, refreshed with the eigenbases. A sums over
+the output locations, so its eigenvalues grow with the grid (the shared FMG refine stage's with
+its finest call, 4x per doubling in 2-D) while G shrinks with the refine scale: a fixed gamma is
+a different preconditioner at every resolution and, at 2-D 128^2, a near-exact inverse that
+amplifies the least-curved directions; the relative one is the same fraction of each layer's
+curvature at any resolution. The whole step is scaled by the KL-clip
+nu = min(1, sqrt(kl_clip / (lr^2 S))),
 S = sum_layers <V, dW_mat> = sum_layers <V, P^-1 V>. The inner torch optimizer then steps on
 the gradients as they are (norm layers keep their plain gradient).
 
@@ -66,7 +74,9 @@ def build_kfac(model: nn.Module, cfg: Any, ds: dict | None = None) -> torch.opti
     pre = KFACPreconditioner(
         model,
         damping=c.damping,
+        damping_mode=c.damping_mode,
         factor_decay=c.factor_decay,
+        factor_average=c.factor_average,
         factor_update_steps=c.factor_update_steps,
         inv_update_steps=c.inv_update_steps,
         factor_locations=c.factor_locations,
@@ -97,8 +107,8 @@ class KFACPreconditioner:
 
     Args:
         model: the network; forward hooks are registered on its supported layers.
-        damping, factor_decay, factor_update_steps, inv_update_steps, factor_locations,
-        max_factor_dim, warmup_steps, kl_clip, precondition, seed: see
+        damping, damping_mode, factor_decay, factor_average, factor_update_steps, inv_update_steps,
+        factor_locations, max_factor_dim, warmup_steps, kl_clip, precondition, curvature, seed: see
         ``pdeds.optim.config.KFACConfig`` (the defaults here are the K-FAC of before issue 13).
     """
 
@@ -107,7 +117,9 @@ class KFACPreconditioner:
         model: nn.Module,
         *,
         damping: float = 1e-3,
+        damping_mode: str = "absolute",
         factor_decay: float = 0.95,
+        factor_average: str = "ema",
         factor_update_steps: int = 1,
         inv_update_steps: int = 1,
         factor_locations: int = 0,
@@ -123,6 +135,12 @@ class KFACPreconditioner:
         self.factor_locations, self.warmup_steps = factor_locations, warmup_steps
         self.in_backward, self.seed = precondition == "backward", seed
         self.ggn = curvature == "ggn"
+        if damping_mode not in ("absolute", "relative"):
+            raise PdedsError(f"K-FAC damping_mode {damping_mode!r}: use absolute or relative")
+        self.relative_damping = damping_mode == "relative"
+        if factor_average not in ("ema", "mean"):
+            raise PdedsError(f"K-FAC factor_average {factor_average!r}: use ema or mean")
+        self.mean_start = factor_average == "mean"
         self._pass: list[tuple] | None = None
         self.layers = preconditioned_layers(model, max_factor_dim)
         self.steps = 0
@@ -284,9 +302,13 @@ class KFACPreconditioner:
             st = self.factors.setdefault(h.name, {})
             if "A" not in st:
                 st["A"], st["G"] = a_batch.clone(), g_batch.clone()
+                st["updates"] = 1
             else:
-                st["A"].mul_(xi).add_(a_batch, alpha=1 - xi)
-                st["G"].mul_(xi).add_(g_batch, alpha=1 - xi)
+                k = st.get("updates", 1)
+                w = min(xi, k / (k + 1)) if self.mean_start else xi
+                st["A"].mul_(w).add_(a_batch, alpha=1 - w)
+                st["G"].mul_(w).add_(g_batch, alpha=1 - w)
+                st["updates"] = k + 1
         self._sums = {}
 
     def _update_eigen(self) -> None:
@@ -298,6 +320,17 @@ class KFACPreconditioner:
         for (name, key), (evals, evecs) in zip(items, shared, strict=True):
             self.factors[name]["eval_" + key] = evals
             self.factors[name]["evec_" + key] = evecs
+        for name in dict.fromkeys(name for name, _ in items):
+            st = self.factors[name]
+            st["gamma"] = self._gamma(st["eval_A"], st["eval_G"])
+
+    def _gamma(self, eval_a: torch.Tensor, eval_g: torch.Tensor) -> float:
+        """The layer's damping: ``damping``, or (relative) damping * mean(l_A) * mean(l_G) =
+        damping * (tr A / dim A)(tr G / dim G) (``damping`` if that vanishes)."""
+        if not self.relative_damping:
+            return self.damping
+        scale = float(eval_a.clamp(min=0).mean() * eval_g.clamp(min=0).mean())
+        return self.damping * scale if scale > 0 else self.damping
 
     # ---- preconditioning ------------------------------------------------------------------
 
@@ -306,14 +339,14 @@ class KFACPreconditioner:
         st = self.factors[h.name]
         qa, qg, la, lg = st["evec_A"], st["evec_G"], st["eval_A"], st["eval_G"]
         v = qg.T @ mat.to(qa.dtype) @ qa
-        v = v / (lg[:, None] * la[None, :] + self.damping)
+        v = v / (lg[:, None] * la[None, :] + st.get("gamma", self.damping))
         return qg @ v @ qa.T
 
     def _curvature(self, h: LayerHelper, v: torch.Tensor) -> float:
         """<V, P^-1 V> = sum (Q_G^T V Q_A)^2 (l_G l_A^T + gamma): the layer's term of S."""
         st = self.factors[h.name]
         r = st["evec_G"].T @ v.to(st["evec_A"].dtype) @ st["evec_A"]
-        scale = st["eval_G"][:, None] * st["eval_A"][None, :] + self.damping
+        scale = st["eval_G"][:, None] * st["eval_A"][None, :] + st.get("gamma", self.damping)
         return float((r * r * scale).sum())
 
     def _hook_node(self, h: LayerHelper, y: torch.Tensor) -> None:
