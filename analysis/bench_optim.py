@@ -102,7 +102,7 @@ METHODS: dict[str, list[str]] = {
 - kfac: K-FAC's defaults (``pdeds.optim.config.KFACConfig``: inner Adam, relative damping 3e-2,
   factor decay 0.99, factors every 10 steps, eigenbases every 50, 5 warm-up steps) at Adam's lr,
   cosine over the cap.
-- kfac_absolute: the defaults of issue 13's first stop (absolute damping 1e-3, factor decay
+- kfac_absolute: the defaults before relative damping (absolute damping 1e-3, factor decay
   0.95), at Adam's lr.
 - kfac_mean: kfac whose factor average starts as the plain mean of the updates
   (``optim.kfac.factor_average: mean``).
