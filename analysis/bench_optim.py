@@ -74,6 +74,14 @@ METHODS: dict[str, list[str]] = {
         "optim.kfac.factor_average=mean",
         "train.lr_schedule=cosine",
     ],
+    "kfac_mean_often": [
+        "optim.name=kfac",
+        "optim.lr=3e-3",
+        "optim.kfac.factor_average=mean",
+        "optim.kfac.factor_update_steps=5",
+        "optim.kfac.inv_update_steps=10",
+        "train.lr_schedule=cosine",
+    ],
     "kfac_ggn": [
         "optim.name=kfac",
         "optim.lr=3e-3",
@@ -106,6 +114,8 @@ METHODS: dict[str, list[str]] = {
   0.95), at Adam's lr.
 - kfac_mean: kfac whose factor average starts as the plain mean of the updates
   (``optim.kfac.factor_average: mean``).
+- kfac_mean_often: kfac_mean with factors every 5 steps and eigenbases every 10 (for runs of
+  few steps, e.g. batch 64).
 - kfac_ggn: kfac with the factors' output curvature from the Gauss-Newton (GGN) matrix
   (``optim.kfac.curvature: ggn``).
 - lbfgs: lr 1 (the quasi-Newton step), history 20, max_iter 4, constant rate; ``hold_steps``
