@@ -15,6 +15,7 @@ from pdeds.optim.factory import OPTIMIZERS
 from pdeds.optim.first_order import FIRST_ORDER
 from pdeds.optim.gauss_newton import GaussNewtonConfig
 from pdeds.optim.gauss_newton import validate as validate_gauss_newton
+from pdeds.optim.kfac import DAMPING_MODES, FACTOR_AVERAGES
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig
 from pdeds.optim.switch import validate as validate_switch
 
@@ -24,13 +25,6 @@ KFAC_INNER = ("sgd", "adam", "adamw")
 KFAC_CURVATURE = ("empirical", "ggn")
 """Whose second moment K-FAC's output factor G is (``optim.kfac.curvature``): the loss
 gradient's (empirical Fisher) or the loss's Gauss-Newton matrix, sampled (``KFACConfig``)."""
-
-KFAC_DAMPING = ("absolute", "relative")
-"""How ``optim.kfac.damping`` sets each layer's gamma: as it is, or times the layer's mean
-eigenvalue product (``KFACConfig.damping_mode``)."""
-
-KFAC_AVERAGE = ("ema", "mean")
-"""How the factor running average starts (``KFACConfig.factor_average``)."""
 
 KFAC_PRECONDITION = ("backward", "step")
 """Where K-FAC preconditions (``optim.kfac.precondition``): each rank's local gradient during
@@ -200,5 +194,5 @@ def validate_kfac(c: KFACConfig) -> None:
     _one_of("optim.kfac.inner", c.inner, KFAC_INNER)
     _one_of("optim.kfac.precondition", c.precondition, KFAC_PRECONDITION)
     _one_of("optim.kfac.curvature", c.curvature, KFAC_CURVATURE)
-    _one_of("optim.kfac.damping_mode", c.damping_mode, KFAC_DAMPING)
-    _one_of("optim.kfac.factor_average", c.factor_average, KFAC_AVERAGE)
+    _one_of("optim.kfac.damping_mode", c.damping_mode, DAMPING_MODES)
+    _one_of("optim.kfac.factor_average", c.factor_average, FACTOR_AVERAGES)

@@ -65,6 +65,13 @@ from pdeds.optim.kfac_layers import LayerHelper, preconditioned_layers
 
 assign_inversions = comm.assign_inversions
 
+DAMPING_MODES = ("absolute", "relative")
+"""How ``damping`` sets each layer's gamma: as it is, or times the layer's mean eigenvalue
+product (``optim.kfac.damping_mode``)."""
+
+FACTOR_AVERAGES = ("ema", "mean")
+"""How the factors' running average starts (``optim.kfac.factor_average``)."""
+
 
 def build_kfac(model: nn.Module, cfg: Any, ds: dict | None = None) -> torch.optim.Optimizer:
     """The inner torch optimizer ``cfg.kfac.inner`` over the model's parameters with a
@@ -135,10 +142,10 @@ class KFACPreconditioner:
         self.factor_locations, self.warmup_steps = factor_locations, warmup_steps
         self.in_backward, self.seed = precondition == "backward", seed
         self.ggn = curvature == "ggn"
-        if damping_mode not in ("absolute", "relative"):
+        if damping_mode not in DAMPING_MODES:
             raise PdedsError(f"K-FAC damping_mode {damping_mode!r}: use absolute or relative")
         self.relative_damping = damping_mode == "relative"
-        if factor_average not in ("ema", "mean"):
+        if factor_average not in FACTOR_AVERAGES:
             raise PdedsError(f"K-FAC factor_average {factor_average!r}: use ema or mean")
         self.mean_start = factor_average == "mean"
         self._pass: list[tuple] | None = None
