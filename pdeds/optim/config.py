@@ -65,6 +65,12 @@ class KFACConfig:
     factor_locations: int = 512
     """Output locations per sample each layer's factors are estimated from, drawn at random
     from the seed and the step (the same on every rank); 0 = every location."""
+    factor_samples: int = 16
+    """Samples of each factor step's global batch the factors come from: every rank's first
+    ceil(factor_samples / (ranks x micro-batch)) micro-batches (at least one), that is the
+    batch's first samples, the same ones for any rank count whose ranks x micro-batch divides
+    it; 0 = the whole batch. A factor step then costs about one micro-batch more at any batch
+    size (batch 64 in 8 micro-batches: a factor step of all 64 costs 2x a step)."""
     max_factor_dim: int = 512
     """Precondition only layers whose factors A, G are at most this size (a 3^3 convolution
     with C inputs has A of 27 C + 1); larger layers keep their plain gradient. Their A costs
@@ -187,6 +193,7 @@ def validate_kfac(c: KFACConfig) -> None:
     _integer_at_least("optim.kfac.factor_update_steps", c.factor_update_steps, 1)
     _integer_at_least("optim.kfac.inv_update_steps", c.inv_update_steps, 1)
     _integer_at_least("optim.kfac.factor_locations", c.factor_locations, 0)
+    _integer_at_least("optim.kfac.factor_samples", c.factor_samples, 0)
     _integer_at_least("optim.kfac.max_factor_dim", c.max_factor_dim, 0)
     _integer_at_least("optim.kfac.warmup_steps", c.warmup_steps, 0)
     _integer_at_least("optim.kfac.seed", c.seed, 0)
