@@ -56,8 +56,9 @@ class KFACConfig:
     keeps a weight of 1 / (1 - xi) updates: a preconditioner that stays near its first
     estimate); "mean": the weight min(xi, k / (k + 1)) at the k-th update after the first, the
     plain mean of the updates until the average spans 1 / (1 - xi) of them (Martens & Grosse
-    2015). Measured (analysis/bench_optim.py): "mean" is better in 3-D 32^3 (batch 64: Adam's
-    final error in 0.56 of its time, where "ema" does not reach it) and worse at 2-D 128^2."""
+    2015). Measured (analysis/bench_optim.py, 300 s caps, Zen 5): at 3-D 32^3 the two are within
+    noise (time to Adam's final error 0.26 vs 0.28 of Adam's at batch 8, 0.37 vs 0.38 at 64);
+    at 2-D 64^2 "mean" is slower at batch 64 (0.38 vs 0.28); earlier, worse at 2-D 128^2."""
     factor_update_steps: int = 10
     """Recompute A, G (forward/backward hooks run) every this many optimizer steps."""
     inv_update_steps: int = 50
