@@ -66,6 +66,7 @@ def test_unknown_key_lists_valid_ones():
         (["optim.name=kfac", "ds.zero_optimization.stage=3"], "does not run under ZeRO stage 3"),
         (["optim.kfac.damping_mode=trace"], "optim.kfac.damping_mode: 'trace' is not one of"),
         (["optim.kfac.factor_average=sum"], "optim.kfac.factor_average: 'sum' is not one of"),
+        (["optim.kfac.factor_samples=-1"], "optim.kfac.factor_samples: -1 must be an integer"),
         (["train.time_limit=4x"], "train.time_limit: '4x' is not a duration; give seconds"),
         (["train.time_limit=-5"], "train.time_limit: -5.0 is not a duration"),
         (["data.train_samples=-1"], "data.train_samples: must be >= 0"),

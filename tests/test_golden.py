@@ -48,6 +48,7 @@ KFAC_BEFORE_13 = [
     "optim.kfac.precondition=step",
     "optim.kfac.factor_update_steps=1",
     "optim.kfac.factor_locations=0",
+    "optim.kfac.factor_samples=0",
     "optim.kfac.warmup_steps=0",
     "optim.kfac.max_factor_dim=0",
     "optim.kfac.damping_mode=absolute",

@@ -462,6 +462,13 @@ class KFACPreconditioner:
             self._update_factors()
         if self._eigen_due():
             self._update_eigen()
+        updates, s = self._preconditioned_grads()
+        nu = self._kl_scale(s, lr)
+        for h, v in updates:
+            h.set_grad_matrix(v * nu)
+
+    def _preconditioned_grads(self) -> tuple[list[tuple[LayerHelper, torch.Tensor]], float]:
+        """V = P dW_mat of every layer with eigenbases and a ``.grad``, and S = sum <V, dW_mat>."""
         updates, s = [], 0.0
         for h in self.layers:
             if "evec_A" not in self.factors.get(h.name, {}) or h.module.weight.grad is None:
@@ -470,9 +477,7 @@ class KFACPreconditioner:
             v = self._apply(h, grad)
             s += float((v * grad.to(v.dtype)).sum())
             updates.append((h, v))
-        nu = self._kl_scale(s, lr)
-        for h, v in updates:
-            h.set_grad_matrix(v * nu)
+        return updates, s
 
     @torch.no_grad()
     def precondition_held(self, optimizer: torch.optim.Optimizer) -> None:
@@ -480,13 +485,8 @@ class KFACPreconditioner:
         gradient by V = P of it, with the factors of the earlier steps, then scale every
         gradient ``optimizer`` holds by nu (S = sum <V, dW_mat>): what the hooks' per-micro-batch
         P and ``clip_preconditioned`` make of the same step."""
-        s = 0.0
-        for h in self.layers:
-            if "evec_A" not in self.factors.get(h.name, {}) or h.module.weight.grad is None:
-                continue
-            grad = h.grad_matrix()
-            v = self._apply(h, grad)
-            s += float((v * grad.to(v.dtype)).sum())
+        updates, s = self._preconditioned_grads()
+        for h, v in updates:
             h.set_grad_matrix(v)
         nu = self._kl_scale(s, optimizer.param_groups[0]["lr"])
         if self.kl_clip > 0 and nu < 1.0:
