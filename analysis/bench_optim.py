@@ -66,6 +66,7 @@ from bench_multigrid import best_until, first_reach  # noqa: E402 - the same tar
 METHODS: dict[str, list[str]] = {
     "adam": ["optim.name=adam", "optim.lr=3e-3", "train.lr_schedule=cosine"],
     "kfac": ["optim.name=kfac", "optim.lr=3e-3", "train.lr_schedule=cosine"],
+    "kfac_lr1e-2": ["optim.name=kfac", "optim.lr=1e-2", "train.lr_schedule=cosine"],
     "kfac_absolute": [
         "optim.name=kfac",
         "optim.lr=3e-3",
@@ -116,6 +117,7 @@ METHODS: dict[str, list[str]] = {
 - kfac: K-FAC's defaults (``pdeds.optim.config.KFACConfig``: inner Adam, relative damping 3e-2,
   factor decay 0.99, factors every 10 steps, eigenbases every 50, 5 warm-up steps) at Adam's lr,
   cosine over the cap.
+- kfac_lr1e-2: kfac at its own rate (1e-2 at batch 8).
 - kfac_absolute: the defaults before relative damping (absolute damping 1e-3, factor decay
   0.95), at Adam's lr.
 - kfac_mean: kfac whose factor average starts as the plain mean of the updates
