@@ -15,7 +15,7 @@ from pdeds.optim.factory import OPTIMIZERS
 from pdeds.optim.first_order import FIRST_ORDER
 from pdeds.optim.gauss_newton import GaussNewtonConfig
 from pdeds.optim.gauss_newton import validate as validate_gauss_newton
-from pdeds.optim.kfac import DAMPING_MODES, FACTOR_AVERAGES
+from pdeds.optim.kfac_factors import DAMPING_MODES, FACTOR_AVERAGES
 from pdeds.optim.lbfgs import LINE_SEARCHES, LBFGSConfig
 from pdeds.optim.switch import validate as validate_switch
 
